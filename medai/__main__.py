@@ -1,0 +1,3 @@
+from medai.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Command line: ``python -m medai {train,evaluate,predict,models,data} ...``.
+
+User errors (bad config, bad image, missing data) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from medai.errors import MedaiError
+
+log = logging.getLogger("medai")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medai", description="MedAI CXR: train, evaluate and "
+                                "serve X-ray models")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", help="configs/<recipe>.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--resume", metavar="RUN", help="continue a run (id or folder) from its last epoch")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled dataset")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True, help="dataset folder/file (relative to MEDAI_DATA_DIR) or a config")
+    e.add_argument("--split", default="val", help="split to evaluate (default val; 'all' for every image)")
+    e.add_argument("--out", help="folder for eval.json and predictions.csv")
+    e.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for AUROC CIs")
+    e.add_argument("--batch-size", type=int, default=64)
+
+    pr = sub.add_parser("predict", help="predict findings for images")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("models", help="list architectures and shipped checkpoints")
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="counts per label and split, patients, image sizes")
+    di.add_argument("path")
+    di.add_argument("--patient-regex")
+    di.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medai.config import load_config
+    from medai.training.callbacks import ProgressBar
+    from medai.training.trainer import resume, train
+
+    callbacks = [] if args.no_progress else [ProgressBar()]
+    if args.resume:
+        run_dir = resume(args.resume, callbacks)
+    else:
+        if not args.config:
+            raise MedaiError("train needs --config FILE (or --resume RUN)")
+        run_dir = train(load_config(args.config, args.overrides), callbacks)
+    status = json.loads((run_dir / "status.json").read_text())
+    print(f"run {run_dir.name}: {status['state']} (best val AUROC {status.get('best_val_auroc')}) -> {run_dir}")
+    return 0 if status["state"] == "finished" else 3
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from medai.atomic import write_json
+    from medai.config import DataConfig, load_config
+    from medai.data.datasets import XrayDataset, load_records
+    from medai.evaluation.report import evaluate_logits, write_predictions_csv
+    from medai.models.checkpoint import load_checkpoint
+    from medai.training.amp import resolve_precision, resolve_device
+    from medai.data.transforms import PreprocessSpec
+    from medai.training.loop import predict_loader
+
+    ckpt = load_checkpoint(args.checkpoint)
+    card = ckpt.card
+    data_cfg = load_config(args.data).data if args.data.endswith((".yaml", ".yml")) else DataConfig(root=args.data)
+    recset = load_records(data_cfg)
+    if recset.labels != card["labels"]:
+        raise MedaiError(f"dataset labels {recset.labels} differ from the checkpoint's {card['labels']}")
+    records = recset.records if args.split == "all" else recset.split(args.split)
+    if not records:
+        raise MedaiError(f"split '{args.split}' of {recset.root} has no images")
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    loader = DataLoader(XrayDataset(records, spec), batch_size=args.batch_size)
+    preds = predict_loader(ckpt.model, loader, resolve_precision("off", resolve_device("cpu")))
+    thresholds = [card["thresholds"][lab] for lab in card["labels"]]
+    metrics, probs = evaluate_logits(preds["logits"], preds["targets"], card["labels"], card["task"]["kind"],
+                                     temperature=card.get("temperature", 1.0), thresholds=thresholds,
+                                     n_boot=args.bootstrap)
+    metrics["checkpoint"] = {"path": str(ckpt.path), "sha256": ckpt.sha256}
+    metrics["data"] = {"root": recset.root, "split": args.split}
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "eval.json", metrics)
+        write_predictions_csv(out / "predictions.csv", preds["ids"], preds["patients"], preds["targets"],
+                              probs, card["labels"])
+    _print_metrics(metrics)
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    return "   -  " if v is None else f"{v:.4f}"
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    print(f"{'label':<20} {'AUROC':>7} {'95% CI':>16} {'AP':>7} {'sens':>7} {'spec':>7} {'thr':>7} {'n+':>6}")
+    for lab, r in m["per_class"].items():
+        ci = f"{r['auroc_ci95'][0]:.3f}-{r['auroc_ci95'][1]:.3f}" if r["auroc_ci95"] else "-"
+        print(f"{lab:<20} {_fmt(r['auroc']):>7} {ci:>16} {_fmt(r['ap']):>7} {_fmt(r['sensitivity']):>7} "
+              f"{_fmt(r['specificity']):>7} {r['threshold']:>7.3f} {r['support']:>6}")
+    mac = m["macro"]
+    print(f"{'macro':<20} {_fmt(mac['auroc']):>7} {'':>16} {_fmt(mac['ap']):>7} {_fmt(mac['sensitivity']):>7} "
+          f"{_fmt(mac['specificity']):>7}")
+    if "accuracy" in m:
+        print(f"accuracy {m['accuracy']:.4f}")
+    cal = m["calibration"]
+    print(f"n={m['n']}  temperature {cal['temperature']:.3f}  ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medai.inference import Predictor
+
+    predictor = Predictor(args.checkpoint)
+    failures = 0
+    results = []
+    for path in args.images:
+        try:
+            results.append({"image": path, **predictor.predict(path).to_dict()})
+        except MedaiError as exc:
+            failures += 1
+            results.append({"image": path, "error": str(exc)})
+            print(f"error: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            print(f"{r['image']}: findings: {', '.join(r['findings']) or 'none above threshold'}")
+            for lab, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]):
+                print(f"  {lab:<20} {p:.4f}  (threshold {r['thresholds'][lab]:.3f})")
+    return 2 if failures else 0
+
+
+def cmd_models(_args: argparse.Namespace) -> int:
+    from medai.models import list_models
+    from medai.models.checkpoint import read_card
+    from medai.paths import SHIPPED_MODELS_DIR, medai_home
+
+    print("architectures:", ", ".join(list_models()))
+    folders = {SHIPPED_MODELS_DIR, medai_home() / "models"}
+    found = sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*.safetensors")})
+    print("checkpoints:" if found else "checkpoints: none yet (train one with python -m medai train)")
+    for path in found:
+        try:
+            card = read_card(path)
+            auroc = card.get("metrics", {}).get("val", {}).get("macro", {}).get("auroc")
+            print(f"  {path}  {card['architecture']}  {card['task']['kind']}  {len(card['labels'])} labels"
+                  f"  val AUROC {_fmt(auroc)}")
+        except MedaiError as exc:
+            print(f"  {path}  unreadable: {exc}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from medai.config import DataConfig
+    from medai.data.datasets import load_records
+
+    recset = load_records(DataConfig(root=args.path, patient_regex=args.patient_regex))
+    summary = recset.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['root']}  format={summary['format']}  task={summary['kind']}  labels={len(recset.labels)}")
+    splits = summary["splits"]
+    print(f"{'label':<22}" + "".join(f"{s:>10}" for s in splits))
+    for lab in recset.labels:
+        print(f"{lab:<22}" + "".join(f"{splits[s]['per_label'][lab]:>10}" for s in splits))
+    print(f"{'images':<22}" + "".join(f"{splits[s]['images']:>10}" for s in splits))
+    print(f"{'patients':<22}" + "".join(f"{splits[s]['patients']:>10}" for s in splits))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = cmd_data_inspect if args.command == "data" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except MedaiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,238 @@
+"""Typed experiment configuration: YAML in, dataclasses out, every key and type checked.
+
+``load_config(path, overrides=["train.lr=3e-4"])`` reads a YAML file, applies ``key=value`` overrides
+(values parsed as YAML) and builds an :class:`ExperimentConfig`. Unknown keys and wrong types raise
+:class:`~medai.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medai.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels are, and how to split them."""
+
+    format: Literal["auto", "nih", "folder", "csv", "npz"] = "auto"
+    root: str = ""  # relative paths are resolved against MEDAI_DATA_DIR
+    csv: str | None = None  # label table (NIH / generic CSV); found automatically when None
+    labels: list[str] | None = None  # label subset and order; None = all found
+    include_no_finding: bool = False  # NIH: add "No Finding" as a label
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str | None = None
+    val_fraction: float = 0.1  # used only when the layout has no val split
+    test_fraction: float = 0.0
+    split_seed: int = 42
+    patient_regex: str | None = None  # file-name pattern whose first group is the patient id
+    max_samples: int | None = None  # cap per split (quick experiments); None = all
+    eval_root: str | None = None  # an extra labelled set evaluated after training (e.g. NIH sample)
+
+
+@dataclass
+class PreprocessConfig:
+    image_size: int = 224
+    mean: float = 0.5
+    std: float = 0.25
+
+
+@dataclass
+class AugmentConfig:
+    """Radiograph-safe augmentation: small affine, brightness/contrast; no flip unless asked."""
+
+    enabled: bool = True
+    rotate_degrees: float = 7.0
+    translate: float = 0.05
+    scale: float = 0.08
+    brightness: float = 0.15
+    contrast: float = 0.15
+    hflip: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "hybrid_cnn_transformer"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None  # path to a local state dict; hub names fail with a clear message
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    class_weighting: bool = True  # pos_weight (multi-label) / class weights (multi-class)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 2
+    cache: bool = True  # cache decoded, resized images on disk
+    early_stopping_patience: int | None = 5  # epochs without val macro-AUROC gain; None = off
+    head_epochs: int = 0  # two-stage fine-tuning: train only the head for this many epochs first
+    finetune_lr_factor: float = 0.1  # stage 2 learning rate = lr * factor (only when head_epochs > 0)
+    seed: int = 0
+    deterministic: bool = False
+    max_steps_per_epoch: int | None = None  # cap for smoke tests
+    log_every: int = 10  # steps between progress lines
+    bootstrap: int = 500  # bootstrap resamples for AUROC confidence intervals in the final evaluation
+    threshold_method: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = 0.95
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{where}' (known under '{prefix or '<root>'}': "
+                          f"{', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value (e.g. train.lr=1e-4)")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from None
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    tree = yaml.safe_load(yaml.safe_dump(tree or {}))  # deep copy
+    for override in overrides or []:
+        _apply_override(tree, override)
+    cfg = _build(ExperimentConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return config_from_dict(tree, overrides)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Value checks that types alone cannot express."""
+    t, p = cfg.train, cfg.preprocess
+    checks = [
+        (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (t.lr > 0, "train.lr", "must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
+        (t.head_epochs < t.epochs or t.head_epochs == 0, "train.head_epochs", "must be < train.epochs"),
+        (t.finetune_lr_factor > 0, "train.finetune_lr_factor", "must be > 0"),
+        (t.num_workers >= 0, "train.num_workers", "must be >= 0"),
+        (t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+         "train.early_stopping_patience", "must be >= 1 or null"),
+        (0 < t.target_sensitivity < 1, "train.target_sensitivity", "must be in (0, 1)"),
+        (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
+        (16 <= p.image_size <= 2048, "preprocess.image_size", "must be between 16 and 2048"),
+        (p.std > 0, "preprocess.std", "must be > 0"),
+        (0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
+        (0 <= cfg.data.test_fraction < 1, "data.test_fraction", "must be in [0, 1)"),
+        (bool(cfg.data.root), "data.root", "must name a dataset folder or file"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

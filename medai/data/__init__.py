@@ -1,0 +1,1 @@
+"""Data: safe decoding, preprocessing and datasets."""

@@ -1,0 +1,244 @@
+"""Decode any supported input (PNG, JPEG, 16-bit PNG, DICOM) into a float32 grayscale array in [0, 1].
+
+The type is sniffed from the file's bytes, never its name. Limits guard against huge files and
+decompression bombs. Every failure raises a subclass of :class:`ImageDecodeError` whose message a
+radiologist can act on. Patient-identifying DICOM tags never enter the returned metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medai.errors import MedaiError
+
+log = logging.getLogger(__name__)
+
+
+class ImageDecodeError(MedaiError):
+    """The input cannot be turned into an image."""
+
+
+class UnsupportedFormatError(ImageDecodeError):
+    pass
+
+
+class CorruptImageError(ImageDecodeError):
+    pass
+
+
+class ImageTooLargeError(ImageDecodeError):
+    pass
+
+
+class ImageTooSmallError(ImageDecodeError):
+    pass
+
+
+class DicomNoPixelDataError(ImageDecodeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_file_bytes: int = 256 * 1024 * 1024
+    max_pixels: int = 100_000_000  # 10,000 x 10,000
+    min_side: int = 16
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+@dataclass
+class ImageMeta:
+    source_format: str  # png | jpeg | dicom
+    width: int
+    height: int
+    bits: int
+    photometric: str  # MONOCHROME1 / MONOCHROME2 / RGB / L ...
+    view: str | None = None  # PA / AP / LATERAL when known
+    modality: str | None = None
+    body_part: str | None = None
+    windowed: bool = False  # a DICOM VOI LUT / window was applied
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # float32, HxW, in [0, 1], dark = low attenuation (lungs dark on chest X-rays)
+    meta: ImageMeta
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Return 'png', 'jpeg' or 'dicom' from a file's first bytes (>= 132 for DICOM), else None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def decode_image(source: str | os.PathLike | bytes, limits: DecodeLimits = DEFAULT_LIMITS,
+                 name: str | None = None) -> DecodedImage:
+    """Decode a path or raw bytes. ``name`` is only used in error messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "upload"
+    else:
+        path = Path(source)
+        label = name or path.name
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageDecodeError(f"{label}: cannot read the file ({exc.strerror or exc})") from None
+        if size > limits.max_file_bytes:
+            raise ImageTooLargeError(
+                f"{label}: file is {size / 2**20:.0f} MB, above the {limits.max_file_bytes / 2**20:.0f} MB "
+                "limit; export a smaller image")
+        data = path.read_bytes()
+    if len(data) > limits.max_file_bytes:
+        raise ImageTooLargeError(f"{label}: file is {len(data) / 2**20:.0f} MB, above the "
+                                 f"{limits.max_file_bytes / 2**20:.0f} MB limit; export a smaller image")
+    if not data:
+        raise CorruptImageError(f"{label}: the file is empty")
+    kind = sniff_format(data[:132])
+    if kind is None:
+        raise UnsupportedFormatError(
+            f"{label}: not a PNG, JPEG or DICOM image (its content matches none of them, whatever its "
+            "name says); upload a chest X-ray as PNG, JPEG or DICOM")
+    if kind == "dicom":
+        return _decode_dicom(data, label, limits)
+    return _decode_raster(data, kind, label, limits)
+
+
+def _check_size(width: int, height: int, label: str, limits: DecodeLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"{label}: {width} x {height} pixels is above the limit of {limits.max_pixels:,} pixels "
+            "(possible decompression bomb); downscale the image before uploading")
+    if min(width, height) < limits.min_side:
+        raise ImageTooSmallError(f"{label}: {width} x {height} pixels is too small; at least "
+                                 f"{limits.min_side} pixels per side are needed")
+
+
+def _decode_raster(data: bytes, kind: str, label: str, limits: DecodeLimits) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(img.width, img.height, label, limits)
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(f"{label}: image dimensions are too large (possible decompression "
+                                 "bomb); downscale the image before uploading") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(f"{label}: the {kind.upper()} file is damaged or truncated and cannot be "
+                                f"decoded ({exc}); re-export it from the source") from None
+    img = ImageOps.exif_transpose(img) if kind == "jpeg" else img
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+        bits = 16
+    elif mode == "I":
+        raw = np.asarray(img, dtype=np.int64)
+        bits = 16 if raw.max(initial=0) <= 65535 else 32
+        arr = (raw.astype(np.float64) / (2**bits - 1)).astype(np.float32)
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        bits = 32
+        arr = _minmax(arr)
+    else:
+        if mode in ("LA", "RGBA", "PA"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        bits = 8
+    meta = ImageMeta(source_format=kind, width=img.width, height=img.height, bits=bits,
+                     photometric="MONOCHROME2" if mode in ("L", "I;16", "I;16B", "I", "F", "1") else mode)
+    return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float32, copy=False)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        arr = np.nan_to_num(arr, nan=lo if np.isfinite(lo) else 0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptImageError(f"{label}: the DICOM file is damaged and cannot be read ({exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DicomNoPixelDataError(
+            f"{label}: this DICOM object holds no image (no Pixel Data element; it may be a report, "
+            "structured report or presentation state); export the image series instead")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size(cols, rows, label, limits)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        arr = ds.pixel_array if frames == 1 else _first_frame(ds)
+    except Exception as exc:  # pydicom raises many types for bad pixel data / missing decoders
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", syntax) or "unknown"
+        raise CorruptImageError(
+            f"{label}: the DICOM pixel data cannot be decoded (transfer syntax: {syntax_name}; {exc})"
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (RGB / YBR converted by pydicom)
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        windowed = False
+    elif arr.ndim != 2:
+        raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
+    else:
+        arr = apply_modality_lut(arr, ds)
+        has_voi = any(k in ds for k in ("WindowCenter", "VOILUTSequence"))
+        if has_voi:
+            arr = apply_voi_lut(arr, ds)
+        windowed = has_voi
+    arr = _minmax(np.asarray(arr, dtype=np.float32))
+    if photometric == "MONOCHROME1":
+        arr = 1.0 - arr
+    meta = ImageMeta(
+        source_format="dicom", width=cols, height=rows, bits=int(ds.get("BitsStored", 8) or 8),
+        photometric=photometric, view=_clean(ds.get("ViewPosition")), modality=_clean(ds.get("Modality")),
+        body_part=_clean(ds.get("BodyPartExamined")), windowed=windowed,
+        extra={"frames": frames, "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", ""))},
+    )
+    return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+
+
+def _first_frame(ds: Any) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    return pixel_array(ds, index=0)
+
+
+def _clean(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text.upper() or None

@@ -1,0 +1,80 @@
+"""One preprocessing path for training, evaluation and serving, plus radiograph-safe augmentation.
+
+decoded float image --resize_to_uint8--> uint8 SxS (what the disk cache stores)
+                    --to_tensor-------> float tensor 1xSxS, normalised with the checkpoint's mean/std
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from medai.config import AugmentConfig
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How images become model input; stored in every checkpoint's model card."""
+
+    image_size: int = 224
+    mean: float = 0.5
+    std: float = 0.25
+    channels: int = 1
+    resize: str = "squash-bilinear-antialias"
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                "channels": self.channels, "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(image_size=int(d["image_size"]), mean=float(d["mean"]), std=float(d["std"]),
+                   channels=int(d.get("channels", 1)), resize=str(d.get("resize", cls.resize)))
+
+
+def resize_to_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Float [0, 1] HxW -> uint8 size x size (antialiased bilinear). The aspect ratio is not kept:
+    chest radiographs are close to square and heatmaps are mapped back to the original shape."""
+    img = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)  # a writable copy
+
+
+def to_tensor(arr: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 SxS -> normalised float32 tensor 1xSxS."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
+    return t.sub_(spec.mean).div_(spec.std).unsqueeze(0)
+
+
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """Any decoded image -> model input (1xSxS). Used by training, evaluation and serving alike."""
+    return to_tensor(resize_to_uint8(pixels, spec.image_size), spec)
+
+
+def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
+    """Augmentation applied to the uint8 image tensor (1xSxS) before normalisation."""
+    if not cfg.enabled:
+        return None
+    ops: list[v2.Transform] = []
+    if cfg.rotate_degrees or cfg.translate or cfg.scale:
+        ops.append(v2.RandomAffine(degrees=cfg.rotate_degrees, translate=(cfg.translate, cfg.translate),
+                                   scale=(1 - cfg.scale, 1 + cfg.scale),
+                                   interpolation=v2.InterpolationMode.BILINEAR))
+    if cfg.brightness or cfg.contrast:
+        ops.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops) if ops else None
+
+
+def augment_and_normalise(arr: np.ndarray, spec: PreprocessSpec,
+                          augment: v2.Transform | None) -> torch.Tensor:
+    if augment is None:
+        return to_tensor(arr, spec)
+    t = augment(torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0))
+    return t.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)

@@ -1,0 +1,1 @@
+"""Metrics, operating thresholds and calibration (scikit-learn underneath)."""

@@ -1,0 +1,48 @@
+"""From logits to the full evaluation: calibration, thresholds, metrics; eval.json + predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medai.atomic import atomic_open
+from medai.evaluation.calibration import expected_calibration_error, fit_temperature, probs_from_logits
+from medai.evaluation.metrics import choose_thresholds, compute_metrics
+
+
+def evaluate_logits(logits: np.ndarray, targets: np.ndarray, labels: list[str], kind: str, *,
+                    temperature: float | None = None, thresholds: list[float] | None = None,
+                    threshold_method: str = "youden", target_sensitivity: float = 0.95,
+                    n_boot: int = 0, seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+    """Fit temperature and thresholds when not given (validation), else apply the given ones (test).
+
+    Returns the metrics (with a ``calibration`` block) and the calibrated probabilities."""
+    fitted = temperature is None
+    if fitted:
+        temperature = fit_temperature(logits, targets, kind)
+    raw = probs_from_logits(logits, kind)
+    probs = probs_from_logits(logits, kind, temperature)
+    if thresholds is None:
+        thresholds = choose_thresholds(targets, probs, threshold_method, target_sensitivity)
+    metrics = compute_metrics(targets, probs, labels, kind, thresholds, n_boot=n_boot, seed=seed)
+    metrics["calibration"] = {
+        "temperature": float(temperature), "fitted_here": fitted,
+        "ece_before": expected_calibration_error(targets, raw, kind),
+        "ece_after": expected_calibration_error(targets, probs, kind),
+    }
+    metrics["threshold_method"] = threshold_method if fitted else "from checkpoint"
+    return metrics, probs
+
+
+def write_predictions_csv(path: str | Path, ids: list[str], patients: list[str], targets: np.ndarray,
+                          probs: np.ndarray, labels: list[str]) -> None:
+    with atomic_open(path, "w") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "patient_id", *[f"true_{lab}" for lab in labels],
+                         *[f"prob_{lab}" for lab in labels]])
+        for i, row_id in enumerate(ids):
+            writer.writerow([row_id, patients[i], *targets[i].astype(int).tolist(),
+                             *[f"{p:.6f}" for p in probs[i]]])

@@ -1,0 +1,72 @@
+"""Predictor: checkpoint -> preprocess (from the card) -> calibrated probabilities and findings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medai.data.io import DecodedImage, DecodeLimits, DEFAULT_LIMITS, decode_image
+from medai.data.transforms import PreprocessSpec, preprocess
+from medai.evaluation.calibration import probs_from_logits
+from medai.models.checkpoint import LoadedCheckpoint, load_checkpoint
+
+
+@dataclass
+class Prediction:
+    labels: list[str]
+    probabilities: list[float]
+    thresholds: list[float]
+    meta: dict[str, Any]
+
+    @property
+    def findings(self) -> list[str]:
+        """Labels at or above their operating threshold, most probable first."""
+        hits = [(p, lab) for lab, p, t in zip(self.labels, self.probabilities, self.thresholds) if p >= t]
+        return [lab for _, lab in sorted(hits, reverse=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probabilities": dict(zip(self.labels, self.probabilities)),
+                "thresholds": dict(zip(self.labels, self.thresholds)), "findings": self.findings,
+                "image": self.meta}
+
+
+class Predictor:
+    def __init__(self, checkpoint: str | os.PathLike | LoadedCheckpoint, device: str = "cpu",
+                 limits: DecodeLimits = DEFAULT_LIMITS):
+        self.ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, device)
+        card = self.ckpt.card
+        self.model = self.ckpt.model
+        self.device = next(self.model.parameters()).device
+        self.labels: list[str] = list(card["labels"])
+        self.kind: str = card["task"]["kind"]
+        self.spec = PreprocessSpec.from_dict(card["preprocessing"])
+        self.temperature = float(card.get("temperature", 1.0))
+        self.thresholds = [float(card.get("thresholds", {}).get(lab, 0.5)) for lab in self.labels]
+        self.limits = limits
+
+    def decode(self, source: str | os.PathLike | bytes, name: str | None = None) -> DecodedImage:
+        return decode_image(source, self.limits, name=name)
+
+    @torch.inference_mode()
+    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        logits = self.model(batch.to(self.device)).float().cpu().numpy()
+        return probs_from_logits(logits, self.kind, self.temperature)
+
+    def predict(self, source: str | os.PathLike | bytes | DecodedImage, name: str | None = None) -> Prediction:
+        image = source if isinstance(source, DecodedImage) else self.decode(source, name)
+        probs = self.predict_tensor(preprocess(image.pixels, self.spec).unsqueeze(0))[0]
+        return Prediction(self.labels, [float(p) for p in probs], self.thresholds, image.meta.to_dict())
+
+    def predict_many(self, paths: list[str | Path], batch_size: int = 16) -> list[Prediction]:
+        out: list[Prediction] = []
+        for start in range(0, len(paths), batch_size):
+            images = [self.decode(p) for p in paths[start:start + batch_size]]
+            batch = torch.stack([preprocess(im.pixels, self.spec) for im in images])
+            for im, probs in zip(images, self.predict_tensor(batch)):
+                out.append(Prediction(self.labels, [float(p) for p in probs], self.thresholds, im.meta.to_dict()))
+        return out

@@ -1,0 +1,66 @@
+"""Start from pretrained weights in a local file (torchvision-style state dict, .pth or .safetensors).
+
+Nothing is downloaded: asking for hub weights by name fails at once with a message saying what to do.
+RGB first-layer filters are summed to one channel; head tensors whose shape differs are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medai.errors import PretrainedWeightsError
+
+log = logging.getLogger(__name__)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a .pth/.pt loaded with the safe (weights-only) unpickler."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {exc}") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pretrained(model: nn.Module, source: str) -> dict[str, list[str]]:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"pretrained weights {source!r} are not a local file. MedAI never downloads weights (this "
+            "machine has no access to model hubs); download a torchvision state dict elsewhere and "
+            "pass its path, or train from scratch with model.pretrained: null")
+    state = read_state_dict(path)
+    own = model.state_dict()
+    loaded, skipped = {}, []
+    for key, target in own.items():
+        candidates = [key, key.split(".", 1)[1] if "." in key else key]
+        src = next((state[c] for c in candidates if c in state), None)
+        if src is None:
+            skipped.append(key)
+            continue
+        if src.ndim == 4 and target.ndim == 4 and src.shape[1] == 3 and target.shape[1] == 1:
+            src = src.sum(dim=1, keepdim=True)
+        if src.shape != target.shape:
+            skipped.append(key)
+            continue
+        loaded[key] = src.to(target.dtype)
+    if len(loaded) < len(own) // 2:
+        raise PretrainedWeightsError(
+            f"{path} does not match this architecture: only {len(loaded)} of {len(own)} tensors fit")
+    model.load_state_dict(loaded, strict=False)
+    log.info("loaded %d/%d tensors from %s (skipped: %s)", len(loaded), len(own), path.name,
+             ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return {"loaded": sorted(loaded), "skipped": skipped}

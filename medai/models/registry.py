@@ -1,0 +1,91 @@
+"""``register_model`` / ``create_model`` / ``list_models`` and the surface every model shares.
+
+Every model takes 1-channel input and offers ``forward``, ``forward_features``, ``forward_head``,
+``reset_classifier``, ``head_parameters``, ``cam_target_layers`` and ``cam_reshape_transform``, so
+training, Grad-CAM and metrics never branch on the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from medai.errors import ConfigError
+
+_REGISTRY: dict[str, Callable[..., "MedaiModel"]] = {}
+
+
+class MedaiModel(nn.Module):
+    """Base class: subclasses implement ``forward_features``, ``forward_head`` and the CAM hooks."""
+
+    classifier: nn.Module
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        raise NotImplementedError
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in the first stage of two-stage fine-tuning."""
+        return list(self.classifier.parameters())
+
+    def cam_target_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def cam_reshape_transform(self, activations: torch.Tensor) -> torch.Tensor:
+        """Turn a target layer's activations into B x C x H x W (identity for CNNs)."""
+        return activations
+
+    uses_token_grid: bool = False  # True when cam_reshape_transform must be passed to pytorch-grad-cam
+
+
+def register_model(name: str) -> Callable:
+    def wrap(fn: Callable[..., MedaiModel]) -> Callable[..., MedaiModel]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
+                 **kwargs: Any) -> MedaiModel:
+    """Build a registered architecture. ``pretrained`` is a path to a local state dict."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if in_chans != 1:
+        raise ConfigError("MedAI models take 1-channel (grayscale) input; in_chans must be 1")
+    try:
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs for {name!r} are invalid: {exc}") from None
+    if pretrained:
+        from medai.models.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def first_conv_to_grayscale(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1-channel copy of a (3-channel) conv layer; weights are summed over input channels."""
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new

@@ -1,0 +1,1 @@
+"""Training: the loop, mixed precision, callbacks and run folders."""

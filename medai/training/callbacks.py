@@ -1,0 +1,131 @@
+"""Callbacks feed progress to files and screens; the loop itself never prints.
+
+A run folder holds ``progress.jsonl`` (one JSON object per logged step and per epoch) and
+``status.json`` (state, pid, heartbeat), both readable by a UI in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from medai.atomic import write_json
+
+STATES = ("queued", "running", "finished", "failed", "cancelled")
+
+
+class Callback:
+    def on_train_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, record: dict[str, Any]) -> None: ...
+    def on_epoch(self, record: dict[str, Any]) -> None: ...
+    def on_train_end(self, state: str, info: dict[str, Any]) -> None: ...
+
+
+class ProgressFile(Callback):
+    """Appends each record as one JSON line (flushed at once so readers see it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    on_step = _append
+    on_epoch = _append
+
+
+def read_progress(path: Path) -> list[dict[str, Any]]:
+    """Progress records; a torn last line (process killed mid-write) is ignored."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_progress(path: Path, before_epoch: int) -> None:
+    """Keep only records of epochs before ``before_epoch`` (used on resume: no duplicated epoch)."""
+    kept = [r for r in read_progress(path) if r.get("epoch", 0) < before_epoch]
+    from medai.atomic import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class StatusFile(Callback):
+    """Keeps ``status.json`` current; a background thread refreshes the heartbeat."""
+
+    def __init__(self, path: Path, heartbeat_s: float = 5.0):
+        self.path = path
+        self.heartbeat_s = heartbeat_s
+        self.status: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.status.update(fields)
+            self.status["heartbeat"] = time.time()
+            write_json(self.path, self.status)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.update()
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        self.update(state="running", pid=os.getpid(), started_at=time.time(), **info)
+        self._thread = threading.Thread(target=self._beat, name="medai-heartbeat", daemon=True)
+        self._thread.start()
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        self.update(epoch=record["epoch"], step=record["step"], eta_s=record.get("eta_s"))
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        self.update(epoch=record["epoch"], best_val_auroc=record.get("best_val_auroc"),
+                    eta_s=record.get("eta_s"))
+
+    def on_train_end(self, state: str, info: dict[str, Any]) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self.update(state=state, finished_at=time.time(), **info)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the whole run for the CLI."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=info["total_steps"], initial=info.get("start_step", 0), unit="step",
+                        dynamic_ncols=True)
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = record["step"]
+            self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}")
+            self.bar.refresh()
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            auroc = record.get("val_auroc")
+            self.bar.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss "
+                           f"{record['val_loss']:.4f}, val AUROC {auroc if auroc is None else round(auroc, 4)}, "
+                           f"mAP {record.get('val_map') and round(record['val_map'], 4)}")
+
+    def on_train_end(self, state: str, info: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()

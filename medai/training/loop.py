@@ -1,0 +1,148 @@
+"""The training loop, readable top to bottom: train_one_epoch and predict over a loader."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medai.config import TrainConfig
+from medai.training.amp import Precision
+
+
+def make_loss(kind: str, train_targets: np.ndarray, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """BCE with per-class ``pos_weight`` (multi-label) or cross-entropy, optionally class-weighted."""
+    pos = train_targets.sum(0)
+    n = len(train_targets)
+    if kind == "multilabel":
+        weight = None
+        if cfg.class_weighting:
+            weight = torch.tensor(np.clip((n - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32)
+            weight = weight.to(device)
+        return nn.BCEWithLogitsLoss(pos_weight=weight)
+    weight = None
+    if cfg.class_weighting:
+        w = n / (len(pos) * np.maximum(pos, 1))
+        weight = torch.tensor(w / w.mean(), dtype=torch.float32).to(device)
+    return _SoftTargetCE(weight, cfg.label_smoothing)
+
+
+class _SoftTargetCE(nn.Module):
+    """Cross-entropy on one-hot target vectors (the uniform sample shape)."""
+
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.ce(logits, target.argmax(dim=1))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the base learning rate."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class StepClock:
+    """Global step, throughput and ETA (wall time per step, data loading included)."""
+
+    step: int
+    total_steps: int
+    timed_steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def tick(self, batch: int, seconds: float) -> None:
+        self.step += 1
+        self.timed_steps += 1
+        self.images += batch
+        self.seconds += seconds
+
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def eta_s(self) -> float | None:
+        if not self.timed_steps:
+            return None
+        return self.seconds / self.timed_steps * max(0, self.total_steps - self.step)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, prec: Precision, cfg: TrainConfig, clock: StepClock, epoch: int,
+                    lr_at: Callable[[int], float], on_step: Callable[[dict], None],
+                    should_stop: Callable[[], bool]) -> dict[str, float]:
+    model.train()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    total_loss, seen = 0.0, 0
+    t_last = time.perf_counter()
+    for i, (images, targets, _ids, _patients) in enumerate(loader):
+        if cfg.max_steps_per_epoch is not None and i >= cfg.max_steps_per_epoch:
+            break
+        if should_stop():
+            return {"loss": total_loss / max(seen, 1), "stopped": 1.0}
+        images = images.to(prec.device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(prec.device, non_blocking=True)
+        lr = lr_at(clock.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with prec.autocast():
+            logits = model(images)
+        loss = loss_fn(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {clock.step}; lower "
+                                     "train.lr or turn train.amp off")
+        optimizer.zero_grad(set_to_none=True)
+        if prec.scaler is not None:
+            prec.scaler.scale(loss).backward()
+            prec.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if prec.scaler is not None:
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
+        else:
+            optimizer.step()
+        batch = images.shape[0]
+        total_loss += loss.item() * batch
+        seen += batch
+        now = time.perf_counter()
+        clock.tick(batch, now - t_last)
+        t_last = now
+        if clock.step % cfg.log_every == 0:
+            on_step({"type": "step", "epoch": epoch, "step": clock.step, "loss": loss.item(), "lr": lr,
+                     "images_per_s": clock.images_per_s(), "eta_s": clock.eta_s(), "time": time.time()})
+    return {"loss": total_loss / max(seen, 1)}
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: DataLoader, prec: Precision, channels_last: bool = False,
+                   loss_fn: nn.Module | None = None) -> dict[str, object]:
+    """Logits, targets and ids over a loader (no augmentation, no gradients)."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    logits, targets, ids, patients, loss_sum = [], [], [], [], 0.0
+    for images, target, batch_ids, batch_patients in loader:
+        images = images.to(prec.device, memory_format=memory_format)
+        with prec.autocast():
+            out = model(images).float()
+        if loss_fn is not None:
+            loss_sum += loss_fn(out, target.to(prec.device)).item() * len(images)
+        logits.append(out.cpu().numpy())
+        targets.append(target.numpy())
+        ids.extend(batch_ids)
+        patients.extend(batch_patients)
+    n = sum(len(t) for t in targets)
+    return {"logits": np.concatenate(logits), "targets": np.concatenate(targets), "ids": ids,
+            "patients": patients, "loss": loss_sum / max(n, 1)}
