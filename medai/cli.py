@@ -76,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from medai.atomic import write_json
     from medai.config import DataConfig, load_config
-    from medai.data.datasets import XrayDataset, load_records
+    from medai.data.datasets import XrayDataset, cap_records, load_records
     from medai.evaluation.report import evaluate_logits, write_predictions_csv
     from medai.models.checkpoint import load_checkpoint
     from medai.training.amp import resolve_precision, resolve_device
@@ -90,6 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if recset.labels != card["labels"]:
         raise MedaiError(f"dataset labels {recset.labels} differ from the checkpoint's {card['labels']}")
     records = recset.records if args.split == "all" else recset.split(args.split)
+    records = cap_records(records, data_cfg.max_samples, data_cfg.split_seed)
     if not records:
         raise MedaiError(f"split '{args.split}' of {recset.root} has no images")
     spec = PreprocessSpec.from_dict(card["preprocessing"])

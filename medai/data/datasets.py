@@ -249,6 +249,14 @@ def _load_npz(root: Path, cfg: DataConfig) -> RecordSet:
     return RecordSet(labels, "multilabel" if multilabel else "multiclass", records, str(file), "npz")
 
 
+def cap_records(records: list[Record], limit: int | None, seed: int) -> list[Record]:
+    """A seeded random subset of at most ``limit`` records, in their original order."""
+    if limit is None or len(records) <= limit:
+        return records
+    idx = np.sort(np.random.default_rng(seed).choice(len(records), limit, replace=False))
+    return [records[i] for i in idx]
+
+
 def assign_patient_splits(records: list[Record], val_fraction: float, test_fraction: float,
                           seed: int) -> None:
     """Split by patient with a fixed seed: each patient's images all land in one split."""

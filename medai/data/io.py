@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,15 +138,17 @@ def _check_size(width: int, height: int, label: str, limits: DecodeLimits) -> No
 def _decode_raster(data: bytes, kind: str, label: str, limits: DecodeLimits) -> DecodedImage:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             img = Image.open(io.BytesIO(data))
             _check_size(img.width, img.height, label, limits)
             img.load()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(f"{label}: image dimensions are too large (possible decompression "
-                                 "bomb); downscale the image before uploading") from None
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1)):,} pixels" if found else "its pixel count"
+        raise ImageTooLargeError(f"{label}: {count} is above the limit of {limits.max_pixels:,} pixels "
+                                 "(possible decompression bomb); downscale the image before uploading") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"{label}: the {kind.upper()} file is damaged or truncated and cannot be "
                                 f"decoded ({exc}); re-export it from the source") from None
@@ -191,9 +194,14 @@ def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptImageError(f"{label}: the DICOM file is damaged and cannot be read ({exc})") from None
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise CorruptImageError(f"{label}: the DICOM file is truncated (it ends inside an element); "
+                                "copy it again from the PACS or modality")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomNoPixelDataError(
             f"{label}: this DICOM object holds no image (no Pixel Data element; it may be a report, "

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from medai.atomic import atomic_path, write_json, write_text
 from medai.config import ExperimentConfig, dump_config, load_config
 from medai.data.cache import DecodeCache
-from medai.data.datasets import Record, RecordSet, XrayDataset, load_records
+from medai.data.datasets import Record, RecordSet, XrayDataset, cap_records, load_records
 from medai.data.transforms import PreprocessSpec, build_augmentation
 from medai.errors import DatasetError, MedaiError
 from medai.evaluation.metrics import quick_scores
@@ -49,13 +49,6 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def _cap(records: list[Record], limit: int | None, seed: int) -> list[Record]:
-    if limit is None or len(records) <= limit:
-        return records
-    idx = np.sort(np.random.default_rng(seed).choice(len(records), limit, replace=False))
-    return [records[i] for i in idx]
-
-
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, callbacks: list[Callback] | None = None):
         self.cfg, self.run_dir = cfg, run_dir
@@ -67,8 +60,8 @@ class Trainer:
     def _data(self) -> tuple[RecordSet, list[Record], list[Record]]:
         d = self.cfg.data
         recset = load_records(d)
-        train = _cap(recset.split(d.train_split), d.max_samples, d.split_seed)
-        val = _cap(recset.split(d.val_split), d.max_samples, d.split_seed)
+        train = cap_records(recset.split(d.train_split), d.max_samples, d.split_seed)
+        val = cap_records(recset.split(d.val_split), d.max_samples, d.split_seed)
         if not train or not val:
             raise DatasetError(f"{recset.root}: split '{d.train_split}' has {len(train)} and split "
                                f"'{d.val_split}' has {len(val)} images; both need images")
