@@ -83,6 +83,7 @@ class TrainConfig:
     num_workers: int = 2
     cache: bool = True  # cache decoded, resized images on disk
     early_stopping_patience: int | None = 5  # epochs without val macro-AUROC gain; None = off
+    early_stopping_min_delta: float = 0.0  # a gain must exceed this to count
     head_epochs: int = 0  # two-stage fine-tuning: train only the head for this many epochs first
     finetune_lr_factor: float = 0.1  # stage 2 learning rate = lr * factor (only when head_epochs > 0)
     seed: int = 0

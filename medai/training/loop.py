@@ -53,6 +53,33 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 
 @dataclass
+class EarlyStopping:
+    """Stop when the monitored score (val macro AUROC) has not improved by ``min_delta`` for
+    ``patience`` epochs. ``patience=None`` never stops."""
+
+    patience: int | None
+    min_delta: float = 0.0
+    best: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, score: float | None, epoch: int) -> bool:
+        """Record an epoch's score; True when it is a new best."""
+        if score is not None and score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state(self) -> dict[str, float | int]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+
+@dataclass
 class StepClock:
     """Global step, throughput and ETA (wall time per step, data loading included)."""
 

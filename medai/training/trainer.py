@@ -35,7 +35,7 @@ from medai.models.checkpoint import new_card, save_checkpoint, update_card
 from medai.paths import cache_dir, runs_dir
 from medai.training.amp import resolve_device, resolve_precision
 from medai.training.callbacks import Callback, ProgressFile, StatusFile, truncate_progress
-from medai.training.loop import StepClock, lr_factor, make_loss, predict_loader, train_one_epoch
+from medai.training.loop import EarlyStopping, StepClock, lr_factor, make_loss, predict_loader, train_one_epoch
 
 log = logging.getLogger(__name__)
 CANCEL_FILE = "cancel.request"
@@ -127,6 +127,7 @@ class Trainer:
         warmup = int(t.warmup_epochs * steps_per_epoch)
         state = self._resume_state(model, optimizer)
         clock = StepClock(step=state["step"], total_steps=total_steps)
+        stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"])
         self.card_base = dict(architecture=cfg.model.name, model_kwargs=model_kwargs, task_kind=self.kind,
                               labels=self.labels, preprocessing=self.spec.to_dict(), task_name=cfg.name,
                               training_config=cfg.to_dict(), data_summary=self._data_summary(recset, train, val))
@@ -156,29 +157,26 @@ class Trainer:
                     break
                 preds = predict_loader(model, val_loader, self.prec, t.channels_last, loss_fn)
                 scores = quick_scores(preds["targets"], probs_from_logits(preds["logits"], self.kind))
-                improved = (scores["auroc"] or 0.0) > state["best_score"]
+                improved = stopper.update(scores["auroc"], epoch)
                 if improved:
-                    state.update(best_score=scores["auroc"] or 0.0, best_epoch=epoch, bad_epochs=0)
                     save_checkpoint(model, new_card(**self.card_base), self.run_dir / "best.safetensors")
-                else:
-                    state["bad_epochs"] += 1
                 record = {"type": "epoch", "epoch": epoch, "step": clock.step, "train_loss": result["loss"],
                           "val_loss": preds["loss"], "val_auroc": scores["auroc"], "val_map": scores["map"],
                           "lr": lr_at(max(clock.step - 1, 0)), "images_per_s": clock.images_per_s(),
                           "epoch_time_s": time.perf_counter() - started, "eta_s": clock.eta_s(),
-                          "best_val_auroc": state["best_score"], "improved": improved, "time": time.time()}
-                state.update(epoch=epoch + 1, step=clock.step)
+                          "best_val_auroc": stopper.best, "improved": improved, "time": time.time()}
+                state.update(epoch=epoch + 1, step=clock.step, stopper=stopper.state())
                 self._save_state(model, optimizer, state)
                 for cb in self.callbacks:
                     cb.on_epoch(record)
-                if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
+                if stopper.should_stop:
                     log.info("early stopping after epoch %d (best %.4f at epoch %d)", epoch,
-                             state["best_score"], state["best_epoch"])
+                             stopper.best, stopper.best_epoch)
                     break
                 if self._should_stop():
                     end_state = "cancelled"
                     break
-            summary: dict[str, Any] = {"best_epoch": state["best_epoch"], "best_val_auroc": state["best_score"],
+            summary: dict[str, Any] = {"best_epoch": stopper.best_epoch, "best_val_auroc": stopper.best,
                                        "epochs_done": state["epoch"]}
             if end_state == "finished":
                 summary.update(self._final_evaluation(val_loader))
@@ -205,7 +203,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ resume
     def _resume_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0}
+        state: dict[str, Any] = {"epoch": 0, "step": 0, "stopper": {}}
         path = self.run_dir / "last.pt"
         if not path.is_file():
             return state

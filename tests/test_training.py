@@ -1,0 +1,173 @@
+"""The trainer on real data: it learns, resumes exactly after kill -9, and honours its switches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medai.config import load_config
+from medai.errors import ConfigError
+from medai.models import create_model
+from medai.models.checkpoint import read_card
+from medai.training.amp import resolve_precision
+from medai.training.callbacks import Callback, read_progress
+from medai.training.loop import EarlyStopping
+from medai.training.trainer import CANCEL_FILE, Trainer, new_run_dir, resume, train
+from tests.conftest import ROOT, need, run_cli, tiny_config
+
+MNIST_LABELS = ["normal", "pneumonia"]
+
+
+def mnist_config(tmp_path: Path, **train_overrides):
+    need("pneumoniamnist")
+    path = tiny_config(tmp_path, "pneumoniamnist", data={"labels": MNIST_LABELS, "max_samples": 160},
+                       train={"epochs": 2, **train_overrides})
+    return load_config(path)
+
+
+def epochs_of(run_dir: Path) -> list[int]:
+    return [r["epoch"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "epoch"]
+
+
+def test_real_learning_pneumoniamnist_reaches_auroc_090():
+    """A short CPU run on real images must learn: a broken pipeline cannot pass this."""
+    need("pneumoniamnist")
+    cfg = load_config(ROOT / "configs/hybrid_pneumoniamnist.yaml", ["train.epochs=3", "train.bootstrap=100"])
+    run_dir = train(cfg)
+    report = json.loads((run_dir / "eval.json").read_text())["val"]
+    assert report["macro"]["auroc"] >= 0.90, report["macro"]
+    assert report["n"] == 270 and report["accuracy"] > 0.8
+    lo, hi = report["per_class"]["pneumonia"]["auroc_ci95"]
+    assert lo <= report["per_class"]["pneumonia"]["auroc"] <= hi
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["pid"] == os.getpid()
+    card = read_card(run_dir / "best.safetensors")
+    assert card["labels"] == MNIST_LABELS and card["task"]["kind"] == "multiclass"
+    assert card["thresholds"]["pneumonia"] == report["per_class"]["pneumonia"]["threshold"]
+    assert card["temperature"] == report["calibration"]["temperature"]
+    assert card["data_summary"]["used"]["train"]["images"] == 2428
+    progress = read_progress(run_dir / "progress.jsonl")
+    steps = [r for r in progress if r["type"] == "step"]
+    assert steps and all(k in steps[-1] for k in ("loss", "lr", "images_per_s", "eta_s"))
+    assert [r["epoch"] for r in progress if r["type"] == "epoch"] == [0, 1, 2]
+    assert (run_dir / "predictions.csv").read_text().count("\n") == 271
+    assert "run " in (run_dir / "train.log").read_text()
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path: Path):
+    cfg = mnist_config(tmp_path, amp="bf16", channels_last=True, epochs=1)
+    cfg.model.name, cfg.model.kwargs = "resnet18", {}
+    prec = resolve_precision("bf16", torch.device("cpu"))
+    with prec.autocast():
+        assert create_model("resnet18", 2)(torch.randn(2, 1, 48, 48)).dtype == torch.bfloat16
+    run_dir = train(cfg)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["precision"] == "bf16"
+    losses = [r["loss"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(ConfigError, match="fp16 autocast needs a CUDA GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")).dtype is None
+
+
+class Snapshots(Callback):
+    def __init__(self, run_dir_holder: list):
+        self.holder, self.states = run_dir_holder, []
+
+    def on_epoch(self, record):
+        self.states.append(torch.load(self.holder[0] / "last.pt", weights_only=True)["model"])
+
+
+def test_two_stage_trains_the_head_first_then_everything(tmp_path: Path):
+    cfg = mnist_config(tmp_path, head_epochs=1, finetune_lr_factor=0.1, early_stopping_patience=None)
+    torch.manual_seed(cfg.train.seed)
+    initial = create_model(cfg.model.name, 2, image_size=48, **cfg.model.kwargs).state_dict()
+    run_dir = new_run_dir(cfg)
+    snaps = Snapshots([run_dir])
+    Trainer(cfg, run_dir, [snaps]).fit()
+    stage1, stage2 = snaps.states
+    stem = "stem.0.0.weight"
+    head = "classifier.3.weight"
+    assert torch.equal(stage1[stem], initial[stem]) and not torch.equal(stage1[head], initial[head])
+    assert not torch.equal(stage2[stem], stage1[stem])
+    lrs = {r["epoch"]: r["lr"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"}
+    assert lrs[1] < 0.2 * cfg.train.lr
+
+
+def test_early_stopping_rule():
+    stopper = EarlyStopping(patience=2, min_delta=0.01)
+    verdicts = [(stopper.update(s, e), stopper.should_stop) for e, s in enumerate([0.7, 0.8, 0.805, None, 0.9])]
+    assert verdicts == [(True, False), (True, False), (False, False), (False, True), (True, False)]
+    assert stopper.best == 0.9 and stopper.best_epoch == 4
+    assert not EarlyStopping(None).should_stop
+
+
+def test_run_stops_at_the_first_epoch_that_exhausts_patience(tmp_path: Path):
+    cfg = mnist_config(tmp_path, epochs=6, early_stopping_patience=1, early_stopping_min_delta=0.002, lr=3e-3)
+    run_dir = train(cfg)
+    epochs = [r for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    first_bad = next((r["epoch"] for r in epochs if not r["improved"]), None)
+    assert epochs[-1]["epoch"] == (5 if first_bad is None else first_bad)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["epochs_done"] == len(epochs)
+    assert status["best_val_auroc"] == [r["val_auroc"] for r in epochs if r["improved"]][-1]
+
+
+def test_cancel_then_resume(tmp_path: Path):
+    cfg = mnist_config(tmp_path)
+    run_dir = new_run_dir(cfg)
+    (run_dir / CANCEL_FILE).touch()
+    Trainer(cfg, run_dir).fit()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    assert epochs_of(run_dir) == [] and not (run_dir / "eval.json").exists()
+    resume(run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert epochs_of(run_dir) == [0, 1] and (run_dir / "eval.json").is_file()
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path, medai_home: Path):
+    need("pneumoniamnist")
+    config = tiny_config(tmp_path, "pneumoniamnist",
+                         data={"labels": MNIST_LABELS, "max_samples": 480},
+                         augment={"enabled": True}, train={"epochs": 3, "batch_size": 16})
+    reference = run_cli("train", "--config", str(config), "--no-progress", check=True)
+    runs = medai_home / "results" / "runs"
+    ref_dir = next(runs.iterdir())
+    assert "finished" in reference.stdout
+
+    proc = subprocess.Popen([sys.executable, "-m", "medai", "train", "--config", str(config), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    killed_mid_epoch = False
+    while time.time() < deadline and proc.poll() is None:
+        runs_now = [d for d in runs.iterdir() if d != ref_dir]
+        if runs_now:
+            records = read_progress(runs_now[0] / "progress.jsonl")
+            if any(r["type"] == "step" and r["epoch"] == 1 for r in records):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_mid_epoch = 1 not in [r["epoch"] for r in records if r["type"] == "epoch"]
+                break
+        time.sleep(0.01)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert killed_mid_epoch
+    run_dir = next(d for d in runs.iterdir() if d != ref_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "running"  # what the process left: a stale heartbeat tells the UI
+
+    resumed = run_cli("train", "--resume", run_dir.name, "--no-progress", check=True)
+    assert "finished" in resumed.stdout
+    assert epochs_of(run_dir) == [0, 1, 2]
+    steps = [r["step"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 3 * 30
+    a, b = load_file(str(ref_dir / "best.safetensors")), load_file(str(run_dir / "best.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
