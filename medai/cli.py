@@ -138,10 +138,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = []
     for path in args.images:
         try:
-            results.append({"image": path, **predictor.predict(path).to_dict()})
+            results.append({"file": path, **predictor.predict(path).to_dict()})
         except MedaiError as exc:
             failures += 1
-            results.append({"image": path, "error": str(exc)})
+            results.append({"file": path, "error": str(exc)})
             print(f"error: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -149,7 +149,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             if "error" in r:
                 continue
-            print(f"{r['image']}: findings: {', '.join(r['findings']) or 'none above threshold'}")
+            print(f"{r['file']}: findings: {', '.join(r['findings']) or 'none above threshold'}")
             for lab, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]):
                 print(f"  {lab:<20} {p:.4f}  (threshold {r['thresholds'][lab]:.3f})")
     return 2 if failures else 0

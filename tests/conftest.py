@@ -37,10 +37,11 @@ def medai_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Pa
     return home
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m medai ...`` in a subprocess with the test's environment."""
+def run_cli(*args: str, check: bool = False, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m medai ...`` in a subprocess with the test's environment (plus ``env``)."""
     proc = subprocess.run([sys.executable, "-m", "medai", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"medai {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
