@@ -181,3 +181,37 @@ def test_pretrained_for_the_wrong_architecture(tmp_path: Path):
     torch.save(create_model("resnet18", 2).state_dict(), path)
     with pytest.raises(PretrainedWeightsError, match="does not match"):
         create_model("densenet121", 2, pretrained=str(path))
+
+
+def test_pretrained_vit_from_a_timm_style_file(tmp_path: Path):
+    """timm names are mapped to torchvision's; a 224-px position grid is resized to the model's."""
+    from medai.models.pretrained import _TIMM_VIT_BLOCK
+
+    torch.manual_seed(2)
+    source = create_model("vit_tiny", 2, image_size=224, patch_size=16)
+    inverse = {v: k for k, v in _TIMM_VIT_BLOCK.items()}
+    timm_state = {}
+    for key, value in source.vit.state_dict().items():
+        new = key.replace("conv_proj.", "patch_embed.proj.")
+        new = {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed"}.get(new, new)
+        if new.startswith("encoder.layers.encoder_layer_"):
+            index, rest = new[len("encoder.layers.encoder_layer_"):].split(".", 1)
+            for tv, timm in inverse.items():
+                if rest.startswith(tv):
+                    rest = timm + rest[len(tv):]
+                    break
+            new = f"blocks.{index}.{rest}"
+        new = new.replace("encoder.ln.", "norm.").replace("heads.head.", "head.")
+        if new == "patch_embed.proj.weight":
+            value = value.repeat(1, 3, 1, 1) / 3  # an RGB file, as timm ships them
+        timm_state[new] = value
+    path = tmp_path / "vit_tiny_timm.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in timm_state.items()}, str(path))
+    same_size = create_model("vit_tiny", 2, image_size=224, patch_size=16, pretrained=str(path))
+    for key, value in source.state_dict().items():
+        assert torch.allclose(same_size.state_dict()[key], value, atol=1e-6), key
+    smaller = create_model("vit_tiny", 2, image_size=64, patch_size=16, pretrained=str(path))
+    assert smaller.vit.encoder.pos_embedding.shape == (1, 17, 192)
+    assert torch.equal(smaller.vit.encoder.layers[5].mlp[0].weight, source.vit.encoder.layers[5].mlp[0].weight)

@@ -7,9 +7,12 @@ RGB first-layer filters are summed to one channel; head tensors whose shape diff
 from __future__ import annotations
 
 import logging
+import math
+import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medai.errors import PretrainedWeightsError
@@ -35,6 +38,44 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+_TIMM_VIT_BLOCK = {
+    "norm1.": "ln_1.", "norm2.": "ln_2.", "attn.qkv.weight": "self_attention.in_proj_weight",
+    "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj.": "self_attention.out_proj.",
+    "mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.3.",
+}
+
+
+def timm_vit_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm VisionTransformer state dict to torchvision's names."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("patch_embed.proj.", "conv_proj.")
+        new = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding"}.get(new, new)
+        block = re.match(r"blocks\.(\d+)\.(.+)", new)
+        if block:
+            index, rest = block.groups()
+            for old, repl in _TIMM_VIT_BLOCK.items():
+                if rest.startswith(old):
+                    rest = repl + rest[len(old):]
+                    break
+            new = f"encoder.layers.encoder_layer_{index}.{rest}"
+        elif new.startswith("norm."):
+            new = "encoder.ln." + new[len("norm."):]
+        elif new.startswith("head."):
+            new = "heads.head." + new[len("head."):]
+        out[new] = value
+    return out
+
+
+def resize_pos_embedding(src: torch.Tensor, target_tokens: int) -> torch.Tensor:
+    """Bicubic resize of a (1, 1 + g*g, d) ViT position embedding to another square grid."""
+    cls, grid = src[:, :1], src[:, 1:]
+    g_src, g_dst = int(math.isqrt(grid.shape[1])), int(math.isqrt(target_tokens - 1))
+    grid = grid.reshape(1, g_src, g_src, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(g_dst, g_dst), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, g_dst * g_dst, -1)], dim=1)
+
+
 def load_pretrained(model: nn.Module, source: str) -> dict[str, list[str]]:
     path = Path(source).expanduser()
     if not path.is_file():
@@ -43,6 +84,8 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, list[str]]:
             "machine has no access to model hubs); download a torchvision state dict elsewhere and "
             "pass its path, or train from scratch with model.pretrained: null")
     state = read_state_dict(path)
+    if "patch_embed.proj.weight" in state:
+        state = timm_vit_to_torchvision(state)
     own = model.state_dict()
     loaded, skipped = {}, []
     for key, target in own.items():
@@ -53,6 +96,8 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, list[str]]:
             continue
         if src.ndim == 4 and target.ndim == 4 and src.shape[1] == 3 and target.shape[1] == 1:
             src = src.sum(dim=1, keepdim=True)
+        if key.endswith("pos_embedding") and src.shape != target.shape and src.shape[-1] == target.shape[-1]:
+            src = resize_pos_embedding(src, target.shape[1])
         if src.shape != target.shape:
             skipped.append(key)
             continue
