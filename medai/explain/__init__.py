@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM family heatmaps, anatomical regions and attention shares, overlays."""
