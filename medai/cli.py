@@ -43,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ex = sub.add_parser("explain", help="heatmaps, anatomy shares and CTR for images")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("images", nargs="+")
+    ex.add_argument("--findings", default="positive",
+                    help="'positive' (above threshold), 'all', or comma-separated label names")
+    ex.add_argument("--method", help="gradcam, gradcam++, hirescam, eigencam, layercam, scorecam "
+                    "(default: the architecture's measured best)")
+    ex.add_argument("--opacity", type=float, default=0.45)
+    ex.add_argument("--out", required=True, help="folder for overlay PNGs and explanation JSON")
+
     sub.add_parser("models", help="list architectures and shipped checkpoints")
 
     d = sub.add_parser("data", help="dataset tools")
@@ -155,6 +165,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import re
+
+    from medai.atomic import atomic_open, write_json
+    from medai.explain.explainer import explain
+    from medai.explain.overlay import render_overlay, to_png
+    from medai.inference import Predictor
+
+    predictor = Predictor(args.checkpoint)
+    findings = args.findings if args.findings in ("all", "positive") else args.findings.split(",")
+    out = Path(args.out)
+    failures = 0
+    for path in args.images:
+        try:
+            image = predictor.decode(path)
+            result = explain(predictor, image, findings, args.method)
+        except MedaiError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        stem = Path(path).stem
+        report = {"file": path, **result.to_dict(), "overlays": {}}
+        for label, heat in result.heatmaps.items():
+            name = f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}_{result.method}.png"
+            with atomic_open(out / name, "wb") as fh:
+                fh.write(to_png(render_overlay(image.pixels, heat, args.opacity, result.anatomy)))
+            report["overlays"][label] = name
+        write_json(out / f"{stem}_explanation.json", report)
+        ctr = result.ctr.get("ctr")
+        print(f"{path}: {', '.join(result.heatmaps)} ({result.method}); CTR {ctr if ctr is not None else '-'}"
+              f"{'; ' + result.anatomy.reason if not result.anatomy.applicable else ''} -> {out}")
+        for label, warning in result.warnings.items():
+            print(f"  warning ({label}): {warning}")
+    return 2 if failures else 0
+
+
 def cmd_models(_args: argparse.Namespace) -> int:
     from medai.models import list_models
     from medai.models.checkpoint import read_card
@@ -194,7 +240,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

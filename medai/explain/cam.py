@@ -15,11 +15,15 @@ other sessions use for inference, and nothing is left behind even when a call fa
 from __future__ import annotations
 
 import copy
+import functools
+import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+import pytorch_grad_cam.score_cam as _score_cam
+import tqdm as _tqdm
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import scale_cam_image
@@ -29,6 +33,9 @@ from medai.errors import MedaiError
 from medai.models.densenet import DenseNet121
 from medai.models.registry import MedaiModel
 from medai.models.resnet import ResNet18
+
+# ScoreCAM draws a tqdm bar on stderr for every call; a server and the CLI want none.
+_score_cam.tqdm = types.SimpleNamespace(tqdm=functools.partial(_tqdm.tqdm, disable=True))
 
 CAM_METHODS = {
     "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
@@ -114,7 +121,8 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
                     grads = recorder.gradients[0].numpy()
                 else:
                     grads = None
-                raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(), grads)
+                raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(), grads,
+                                          eigen_smooth=False)
                 heatmaps[c] = scale_cam_image(np.maximum(raw, 0), size)[0]
                 shared = heatmaps[c]
     finally:

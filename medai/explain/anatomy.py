@@ -1,0 +1,286 @@
+"""Anatomical regions of a frontal chest X-ray by classical image processing, CTR and attention shares.
+
+No anatomy masks exist here to train on, so the regions come from well-understood steps:
+
+1. normalise (2nd-98th percentile), smooth, Otsu threshold on the central region: air-filled lung is
+   darker than soft tissue and bone;
+2. row by row, dark runs that reach the image edge are outside air; enclosed dark runs are lung
+   candidates (per-row runs do not leak into outside air through the trachea or the axillae);
+3. the remaining dark components, filled and closed, are lung candidates; the largest one on each side
+   of the image midline is a lung field (a single component spanning the midline is split at the spine,
+   the brightest column near the centre); shape priors (area, height, vertical overlap) reject failures;
+4. between the lungs, rows in the lower half of the lung span form the cardiac silhouette, rows above it
+   the upper mediastinum; everything else inside the body is "rest of body".
+
+The cardiothoracic ratio is the widest gap between the medial lung edges (rows at 50-80% of the lung
+span) over the widest distance between the lateral lung edges (Danzer's method on lung masks).
+
+Known failures: lungs cut by tight collimation or touching the border; large effusions or consolidation
+that make a lung bright (the lung field is under-segmented and the CTR unreliable); AP and supine films
+(magnified heart); rotated patients; lateral views and non-chest images, which are reported as not
+applicable rather than given invented masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+WORK_SIZE = 256
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "HEART"}
+CTR_REFERENCE_PA = 0.5
+# Rows (as fractions of the lung span, apex = 0) searched for the widest cardiac gap. The lung bases
+# are left out: the medial edges diverge there (cardiophrenic angles), inflating normal hearts. The
+# window was chosen on 447 PA images of nih-cxr14-train-224 (CTR AUROC 0.771 there, Cardiomegaly vs
+# No Finding), not on the evaluation sample.
+CARDIAC_ROWS = (0.5, 0.8)
+MIN_LUNG_HEIGHT = 0.3  # shape priors that separate lung fields from dark regions of other images
+MIN_LUNG_ASPECT = 1.0  # lung fields are taller than wide on a frontal film
+MIN_THORAX_WIDTH = 0.45
+MIN_MEDIASTINAL_CONTRAST = 0.15  # mediastinum/heart minus lung mean intensity (normalised image)
+MIN_MEDIASTINUM = 0.06  # median gap between the lung fields, as a share of the image width
+EDGE_MARGIN = 0.04  # dark runs starting this close to the left/right edge are outside air
+
+
+@dataclass
+class ChestAnatomy:
+    applicable: bool
+    reason: str = ""
+    right_lung: np.ndarray | None = None  # patient's right lung = image left on a PA film
+    left_lung: np.ndarray | None = None
+    heart: np.ndarray | None = None
+    mediastinum: np.ndarray | None = None
+    body: np.ndarray | None = None
+    ctr: float | None = None
+    ctr_detail: dict = field(default_factory=dict)
+
+    def regions(self) -> dict[str, np.ndarray]:
+        """Disjoint boolean masks at WORK_SIZE covering the whole image."""
+        assert self.applicable
+        lungs_heart = self.right_lung | self.left_lung | self.heart
+        return {"right_lung": self.right_lung, "left_lung": self.left_lung, "heart": self.heart,
+                "rest_of_body": self.body & ~lungs_heart, "outside_body": ~self.body & ~lungs_heart}
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndi.sum(mask, labels, index=range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _prepare(pixels: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(pixels.astype(np.float32), mode="F").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32)
+    lo, hi = np.percentile(x, [2, 98])
+    x = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    return ndi.gaussian_filter(x, 2.0)
+
+
+def _central_threshold(x: np.ndarray) -> float:
+    """Otsu on the central region, where lungs meet soft tissue and bone (outside air is excluded)."""
+    h, w = x.shape
+    return _otsu(x[int(h * 0.2): int(h * 0.8), int(w * 0.15): int(w * 0.85)].ravel())
+
+
+def _lung_candidates(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lung candidate mask, outside-body mask) for one threshold.
+
+    Row by row, a dark run that reaches the row's first or last column is outside air; dark runs
+    enclosed by brighter tissue are lung candidates. Working per row stops the 2-D leaks from the
+    lungs to outside air through the trachea or the axillae."""
+    dark = x < threshold
+    h, w = dark.shape
+    margin = int(w * EDGE_MARGIN)  # a thin bright strip at the edge (collimator, label) is not tissue
+    outside = np.zeros_like(dark)
+    for y in range(h):
+        row = dark[y]
+        if row[:margin].any():
+            start = int(np.argmax(row[:margin]))
+            rest = row[start:]
+            end = start + (int(np.argmin(rest)) if not rest.all() else len(rest))
+            outside[y, :end] = True
+        if row[w - margin:].any():
+            start = w - 1 - int(np.argmax(row[::-1][:margin]))
+            rest = row[: start + 1][::-1]
+            begin = start + 1 - (int(np.argmin(rest)) if not rest.all() else len(rest))
+            outside[y, begin:] = True
+    inner = ndi.binary_opening(dark & ~outside, structure=np.ones((3, 3)))
+    return inner, outside
+
+
+def _drop_border_components(inner: np.ndarray) -> np.ndarray:
+    """Remove candidates that touch the image border: air beside the neck, collimator gaps."""
+    labels, _ = ndi.label(inner)
+    border = np.unique(np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(),
+                                       labels[:, -2:].ravel()]))
+    return inner & ~np.isin(labels, border[border > 0])
+
+
+def _split_at_spine(mask: np.ndarray, x: np.ndarray) -> np.ndarray:
+    w = mask.shape[1]
+    centre = slice(int(w * 0.4), int(w * 0.6))
+    spine = int(np.argmax(x[:, centre].mean(0))) + centre.start
+    out = mask.copy()
+    out[:, max(spine - 2, 0): spine + 3] = False
+    return out
+
+
+def _pick_lungs(inner: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    h, w = inner.shape
+    labels, n = ndi.label(inner)
+    if n == 0:
+        return None
+    sizes = ndi.sum(inner, labels, index=range(1, n + 1))
+    big = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] > 0.01 * h * w]
+    if len(big) == 1:  # one component spanning both sides: cut at the spine and try again
+        split = _split_at_spine(labels == big[0], x)
+        labels, n = ndi.label(split)
+        sizes = ndi.sum(split, labels, index=range(1, n + 1))
+        big = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] > 0.01 * h * w]
+    sides: dict[str, np.ndarray] = {}
+    for lab in big:
+        comp = labels == lab
+        side = "right" if ndi.center_of_mass(comp)[1] < w / 2 else "left"
+        if side not in sides:
+            sides[side] = comp
+    if len(sides) < 2:
+        return None
+    cleaned = []
+    for side in ("right", "left"):
+        m = ndi.binary_closing(sides[side], structure=np.ones((7, 7)), iterations=2)
+        cleaned.append(_largest(ndi.binary_fill_holes(m)))
+    return cleaned[0], cleaned[1]
+
+
+def _plausible(right: np.ndarray, left: np.ndarray) -> str:
+    h, w = right.shape
+    for name, m in (("right", right), ("left", left)):
+        share = m.mean()
+        rows = np.flatnonzero(m.any(1))
+        if not 0.03 <= share <= 0.35:
+            return f"{name} lung field covers {share:.0%} of the image"
+        cols = np.flatnonzero(m.any(0))
+        if rows[-1] - rows[0] < MIN_LUNG_HEIGHT * h:
+            return f"{name} lung field is only {(rows[-1] - rows[0]) / h:.0%} of the image height"
+        if rows[-1] - rows[0] < MIN_LUNG_ASPECT * (cols[-1] - cols[0]):
+            return f"{name} lung field is wider than it is tall"
+    r_rows, l_rows = np.flatnonzero(right.any(1)), np.flatnonzero(left.any(1))
+    overlap = min(r_rows[-1], l_rows[-1]) - max(r_rows[0], l_rows[0])
+    if overlap < 0.5 * min(r_rows[-1] - r_rows[0], l_rows[-1] - l_rows[0]):
+        return "the two lung fields are not side by side"
+    if np.flatnonzero(right.any(0))[-1] >= np.flatnonzero(left.any(0))[0] + 5:
+        return "the lung fields overlap horizontally"
+    shared = np.flatnonzero(right.any(1) & left.any(1))
+    cols = np.arange(w)
+    gaps = [cols[left[y]].min() - cols[right[y]].max() for y in shared]
+    if np.median(gaps) < MIN_MEDIASTINUM * w:
+        return "no mediastinum between the two dark regions"
+    thorax = np.flatnonzero(left.any(0))[-1] - np.flatnonzero(right.any(0))[0]
+    if thorax < MIN_THORAX_WIDTH * w:
+        return f"the lung fields span only {thorax / w:.0%} of the image width"
+    return ""
+
+
+def _between_lungs(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    h, w = right.shape
+    rows = np.flatnonzero(right.any(1) & left.any(1))
+    top, bottom = rows[0], rows[-1]
+    mid = top + (bottom - top) // 2
+    heart, mediastinum = np.zeros_like(right), np.zeros_like(right)
+    gaps, widths = [], []
+    cols = np.arange(w)
+    ctr_rows = (top + CARDIAC_ROWS[0] * (bottom - top), top + CARDIAC_ROWS[1] * (bottom - top))
+    for y in rows:
+        r_in, l_in = cols[right[y]].max(), cols[left[y]].min()
+        widths.append(cols[left[y]].max() - cols[right[y]].min())
+        if l_in <= r_in:
+            continue
+        target = heart if y >= mid else mediastinum
+        target[y, r_in + 1: l_in] = True
+        if ctr_rows[0] <= y <= ctr_rows[1]:
+            gaps.append(l_in - r_in)
+    detail = {"thoracic_width_px": int(max(widths)), "cardiac_width_px": int(max(gaps)) if gaps else None,
+              "lung_rows": [int(top), int(bottom)], "work_size": WORK_SIZE}
+    return heart, mediastinum, detail
+
+
+def segment_chest(pixels: np.ndarray, body_part: str | None = None, view: str | None = None) -> ChestAnatomy:
+    """Lung fields, heart, mediastinum and body of a frontal chest X-ray (masks at WORK_SIZE)."""
+    if body_part and body_part.upper() not in CHEST_BODY_PARTS:
+        return ChestAnatomy(False, f"anatomy maps apply to chest X-rays; this image is labelled {body_part}")
+    if view and view.upper() in {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}:
+        return ChestAnatomy(False, f"anatomy maps apply to frontal views; this image is a {view} view")
+    x = _prepare(pixels)
+    base = _central_threshold(x)
+    reason = "lung fields not found"
+    attempts = [(f, drop) for drop in (True, False) for f in (1.0, 0.85, 1.15, 0.7)]
+    for factor, drop_border in attempts:
+        inner, outside = _lung_candidates(x, base * factor)
+        lungs = _pick_lungs(_drop_border_components(inner) if drop_border else inner, x)
+        if lungs is None:
+            continue
+        reason = _plausible(*lungs)
+        if reason:
+            continue
+        right, left = lungs
+        heart, mediastinum, detail = _between_lungs(right, left)
+        between = heart | mediastinum
+        contrast = float(x[between].mean() - x[right | left].mean()) if between.any() else 0.0
+        if contrast < MIN_MEDIASTINAL_CONTRAST:
+            reason = "the region between the dark fields is not brighter than them (no mediastinum)"
+            continue
+        body = ndi.binary_fill_holes(~outside) | right | left
+        ctr = (detail["cardiac_width_px"] / detail["thoracic_width_px"]) if detail["cardiac_width_px"] else None
+        return ChestAnatomy(True, "", right, left, heart, mediastinum, _largest(body), ctr, detail)
+    return ChestAnatomy(False, f"{reason}: this does not look like a frontal chest X-ray, so no anatomy map "
+                        "is given")
+
+
+def attention_shares(heatmap: np.ndarray, anatomy: ChestAnatomy) -> dict[str, float]:
+    """Share of the heatmap's total mass in each region (sums to 1)."""
+    img = Image.fromarray(heatmap.astype(np.float32), mode="F").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
+    heat = np.clip(np.asarray(img, dtype=np.float64), 0, None)
+    total = heat.sum()
+    if total <= 0:
+        return {name: 0.0 for name in anatomy.regions()}
+    return {name: float(heat[mask].sum() / total) for name, mask in anatomy.regions().items()}
+
+
+def shortcut_warning(shares: dict[str, float], threshold: float = 0.5) -> str | None:
+    inside = shares.get("right_lung", 0) + shares.get("left_lung", 0) + shares.get("heart", 0)
+    if inside < threshold:
+        return (f"only {inside:.0%} of the attention falls on the lungs and heart; the model may be using "
+                "shortcuts (borders, markers, devices) rather than anatomy")
+    return None
+
+
+def ctr_summary(anatomy: ChestAnatomy, view: str | None) -> dict:
+    if not anatomy.applicable or anatomy.ctr is None:
+        return {"ctr": None, "note": anatomy.reason or "cardiac borders not found"}
+    note = f"reference: CTR > {CTR_REFERENCE_PA} suggests cardiomegaly on a PA film"
+    if view and view.upper() == "AP":
+        note += "; this is an AP view, which magnifies the heart, so the CTR overestimates its size"
+    return {"ctr": round(float(anatomy.ctr), 3), "enlarged": bool(anatomy.ctr > CTR_REFERENCE_PA),
+            "note": note, **anatomy.ctr_detail}
+
+
+def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A WORK_SIZE mask resized (nearest) to (height, width)."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return np.asarray(img) > 127

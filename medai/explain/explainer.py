@@ -1,0 +1,82 @@
+"""One call that explains an image: probabilities, heatmaps per finding, anatomy shares and CTR."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medai.data.io import DecodedImage
+from medai.data.transforms import preprocess
+from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
+                                   shortcut_warning)
+from medai.explain.cam import ExplainError, compute_cams, default_method
+from medai.inference import Predictor
+
+
+@dataclass
+class Explanation:
+    labels: list[str]
+    probabilities: list[float]
+    thresholds: list[float]
+    method: str
+    heatmaps: dict[str, np.ndarray]  # label -> H x W in [0, 1], original resolution
+    anatomy: ChestAnatomy
+    shares: dict[str, dict[str, float]] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
+    ctr: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "probabilities": dict(zip(self.labels, self.probabilities)),
+            "thresholds": dict(zip(self.labels, self.thresholds)),
+            "explained": list(self.heatmaps),
+            "anatomy": {"applicable": self.anatomy.applicable, "reason": self.anatomy.reason},
+            "attention_shares": self.shares, "shortcut_warnings": self.warnings,
+            "cardiothoracic_ratio": self.ctr, "timings_s": self.timings,
+        }
+
+
+def select_findings(predictor: Predictor, probabilities: list[float], findings: str | list[str]) -> list[int]:
+    """'all' = every label; 'positive' = those at or above threshold (the top one if none); or names."""
+    labels = predictor.labels
+    if findings == "all":
+        return list(range(len(labels)))
+    if findings == "positive":
+        hits = [i for i, (p, t) in enumerate(zip(probabilities, predictor.thresholds)) if p >= t]
+        return hits or [int(np.argmax(probabilities))]
+    unknown = [f for f in findings if f not in labels]
+    if unknown:
+        raise ExplainError(f"unknown findings {unknown}; this model knows {labels}")
+    return [labels.index(f) for f in findings]
+
+
+def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str] = "positive",
+            method: str | None = None) -> Explanation:
+    method = method or default_method(predictor.ckpt.card["architecture"])
+    timings = {}
+    t0 = time.perf_counter()
+    batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
+    probs = predictor.predict_tensor(batch)[0].tolist()
+    timings["predict"] = time.perf_counter() - t0
+    classes = select_findings(predictor, probs, findings)
+    t0 = time.perf_counter()
+    cams = compute_cams(predictor.model, batch.to(predictor.device), classes, method, image.pixels.shape)
+    timings["heatmaps"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view)
+    timings["anatomy"] = time.perf_counter() - t0
+    heatmaps = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
+    result = Explanation(predictor.labels, probs, predictor.thresholds, method, heatmaps, anatomy,
+                         ctr=ctr_summary(anatomy, image.meta.view), timings=timings)
+    if anatomy.applicable:
+        for label, heat in heatmaps.items():
+            result.shares[label] = attention_shares(heat, anatomy)
+            warning = shortcut_warning(result.shares[label])
+            if warning:
+                result.warnings[label] = warning
+    return result
