@@ -123,7 +123,12 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
                     grads = None
                 raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(), grads,
                                           eigen_smooth=False)
-                heatmaps[c] = scale_cam_image(np.maximum(raw, 0), size)[0]
+                raw = np.maximum(raw, 0)
+                peak = raw.max()
+                # CAM magnitudes are arbitrary; dividing by the peak first keeps scale_cam_image's 1e-7
+                # epsilon from flattening maps whose raw values are tiny (weak gradients)
+                scaled = scale_cam_image(raw / peak if peak > 0 else raw, size)
+                heatmaps[c] = cam.aggregate_multi_layers([scaled[:, None, :]])[0]
                 shared = heatmaps[c]
     finally:
         recorder.release()
