@@ -6,7 +6,9 @@ activations and gradients it sees, so that N findings do not cost N forward pass
 - one forward pass records the target layer's activations;
 - heads that are global average pooling + one linear layer (DenseNet121, ResNet-18) get each finding's
   gradient in closed form from the classifier weights: no backward pass at all;
-- other heads (hybrid, ViT) get one backward pass per finding on the retained graph.
+- other heads (hybrid, ViT) get all findings' gradients from one batched backward pass
+  (``torch.autograd.grad(..., is_grads_batched=True)``), or one backward per finding where an operator
+  does not support batching.
 
 Every call works on its own copy of the model, so hooks and gradients never touch the shared model that
 other sessions use for inference, and nothing is left behind even when a call fails.
@@ -25,7 +27,6 @@ from PIL import Image
 import pytorch_grad_cam.score_cam as _score_cam
 import tqdm as _tqdm
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
-from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -75,6 +76,42 @@ def _linear_head_gradient(model: MedaiModel, activations: torch.Tensor, classes:
     return {c: (weight[c][None, :, None, None] / (h * w) * mask).numpy() for c in classes}
 
 
+def _gradients(model: MedaiModel, logits: torch.Tensor, layer_out: torch.Tensor, activations: torch.Tensor,
+               classes: list[int], method: str, cam, reshape) -> tuple[dict[int, np.ndarray], int]:
+    """d logit_c / d activations for each class, and how many backward passes that took."""
+    if method in CLASS_AGNOSTIC or not cam.uses_gradients:
+        return {}, 0
+    closed_form = _linear_head_gradient(model, activations, classes)
+    if closed_form is not None:
+        return closed_form, 0
+    if len(classes) > 1:
+        batched = _batched_gradients(logits, layer_out, classes, reshape)
+        if batched is not None:
+            return batched, 1
+    out = {}
+    for c in classes:
+        (g,) = torch.autograd.grad(logits[0, c], layer_out, retain_graph=True)
+        out[c] = (reshape(g) if reshape is not None else g).detach().numpy()
+    return out, len(classes)
+
+
+def _batched_gradients(logits: torch.Tensor, layer_out: torch.Tensor, classes: list[int],
+                       reshape) -> dict[int, np.ndarray] | None:
+    """Every finding's gradient at the target layer in one batched backward pass (vmap over the
+    vector-Jacobian products); None where an operator does not support it."""
+    picks = torch.eye(len(classes), dtype=logits.dtype)
+    try:
+        (grads,) = torch.autograd.grad(logits[0, classes], layer_out, grad_outputs=picks,
+                                       is_grads_batched=True, retain_graph=True)
+    except RuntimeError:
+        return None
+    out = {}
+    for i, c in enumerate(classes):
+        g = grads[i].detach()
+        out[c] = (reshape(g) if reshape is not None else g).numpy()
+    return out
+
+
 def resize_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to (height, width), clipped to [0, 1]."""
     height, width = size
@@ -97,41 +134,31 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
     layers = model.cam_target_layers()
     reshape = model.cam_reshape_transform if model.uses_token_grid else None
     cam = CAM_METHODS[method](model=model, target_layers=layers, reshape_transform=reshape)
-    recorder: ActivationsAndGradients = cam.activations_and_grads
+    cam.activations_and_grads.release()  # activations and gradients are recorded below instead
     size = (batch.shape[-1], batch.shape[-2])  # pytorch-grad-cam wants (width, height)
-    heatmaps: dict[int, np.ndarray] = {}
-    backward = 0
+    captured: dict[str, torch.Tensor] = {}
+    grab = layers[0].register_forward_hook(lambda _m, _i, out: captured.setdefault("out", out))
     try:
         with torch.enable_grad():
-            logits = recorder(batch)
-            activations = recorder.activations[0]
-            analytic = None if method in CLASS_AGNOSTIC else _linear_head_gradient(model, activations, classes)
-            shared = None
-            for c in classes:
-                if method in CLASS_AGNOSTIC and shared is not None:
-                    heatmaps[c] = shared
-                    continue
-                if analytic is not None:
-                    grads = analytic[c]
-                elif cam.uses_gradients:
-                    recorder.gradients = []
-                    model.zero_grad(set_to_none=True)
-                    logits[0, c].backward(retain_graph=True)
-                    backward += 1
-                    grads = recorder.gradients[0].numpy()
-                else:
-                    grads = None
-                raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(), grads,
-                                          eigen_smooth=False)
-                raw = np.maximum(raw, 0)
-                peak = raw.max()
-                # CAM magnitudes are arbitrary; dividing by the peak first keeps scale_cam_image's 1e-7
-                # epsilon from flattening maps whose raw values are tiny (weak gradients)
-                scaled = scale_cam_image(raw / peak if peak > 0 else raw, size)
-                heatmaps[c] = cam.aggregate_multi_layers([scaled[:, None, :]])[0]
-                shared = heatmaps[c]
+            logits = model(batch)
     finally:
-        recorder.release()
+        grab.remove()
+    layer_out = captured["out"]
+    activations = (reshape(layer_out) if reshape is not None else layer_out).detach()
+    gradients, backward = _gradients(model, logits, layer_out, activations, classes, method, cam, reshape)
+    heatmaps: dict[int, np.ndarray] = {}
+    for c in classes:
+        if method in CLASS_AGNOSTIC and heatmaps:
+            heatmaps[c] = next(iter(heatmaps.values()))
+            continue
+        raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(),
+                                gradients.get(c), eigen_smooth=False)
+        raw = np.maximum(raw, 0)
+        peak = raw.max()
+        # CAM magnitudes are arbitrary; dividing by the peak first keeps scale_cam_image's 1e-7
+        # epsilon from flattening maps whose raw values are tiny (weak gradients)
+        scaled = scale_cam_image(raw / peak if peak > 0 else raw, size)
+        heatmaps[c] = cam.aggregate_multi_layers([scaled[:, None, :]])[0]
     if output_size is not None:
         heatmaps = {c: resize_heatmap(h, output_size) for c, h in heatmaps.items()}
     return CamResult(heatmaps, logits.detach().float().numpy()[0], method, backward)

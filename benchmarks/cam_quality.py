@@ -1,0 +1,124 @@
+"""Faithfulness (ROAD) per CAM method, and localisation against radiologists' boxes (pointing game, IoU).
+
+    .venv/bin/python benchmarks/cam_quality.py --checkpoint results/runs/<nih run>/best.safetensors [--images 40]
+
+ROAD combined (Rong et al. 2022, pytorch-grad-cam's implementation): the mean of the confidence change
+when the least relevant pixels are imputed away minus when the most relevant are, over percentiles
+20-80; higher = more faithful. Pointing game: the heatmap's peak falls inside a box of that finding.
+IoU: heatmap thresholded at 0.5 of its peak vs the box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+
+import numpy as np
+import torch
+from pytorch_grad_cam.metrics.road import ROADCombined
+
+from _common import DATA, machine, table
+from medai.data.io import decode_image
+from medai.data.transforms import preprocess
+from medai.explain.cam import CAM_METHODS, compute_cams
+from medai.inference import Predictor
+
+BOX_TO_NIH = {"Infiltrate": "Infiltration"}
+
+
+class ProbabilityTarget:
+    """The calibrated probability of one finding, as ROAD's score."""
+
+    def __init__(self, index: int, kind: str):
+        self.index, self.kind = index, kind
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        z = output[..., self.index] if self.kind == "multilabel" else torch.softmax(output, -1)[..., self.index]
+        return torch.sigmoid(z) if self.kind == "multilabel" else z
+
+
+def road(predictor: Predictor, methods: list[str], n_images: int) -> list[list[object]]:
+    root = DATA / "nih-cxr14-sample"
+    files = sorted((root / "images").glob("*.jpg"))[:n_images]
+    metric = ROADCombined(percentiles=[20, 40, 60, 80])
+    scores = defaultdict(list)
+    for f in files:
+        batch = preprocess(decode_image(f).pixels, predictor.spec).unsqueeze(0)
+        probs = predictor.predict_tensor(batch)[0]
+        c = int(np.argmax(probs))  # the model's most probable finding
+        for method in methods:
+            cam = compute_cams(predictor.model, batch, [c], method).heatmaps[c]
+            s = metric(batch, cam[None], [ProbabilityTarget(c, predictor.kind)], predictor.model)
+            scores[method].append(float(np.ravel(s)[0]))
+    arch = predictor.ckpt.card["architecture"]
+    return [[arch, m, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v))), len(v)]
+            for m, v in sorted(scores.items(), key=lambda kv: -np.mean(kv[1]))]
+
+
+def localisation(predictor: Predictor, methods: list[str]) -> list[list[object]]:
+    root = DATA / "nih-cxr14-bbox"
+    boxes = defaultdict(list)
+    for r in csv.DictReader(open(root / "bboxes_512px.csv")):
+        boxes[r["Image Index"]].append((BOX_TO_NIH.get(r["Finding Label"], r["Finding Label"]),
+                                        *(float(r[k]) for k in ("x", "y", "w", "h"))))
+    hits = defaultdict(list)
+    ious = defaultdict(list)
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    for name, items in boxes.items():
+        path = image_dir / name
+        if not path.exists():
+            continue
+        image = decode_image(path)
+        batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
+        classes = sorted({predictor.labels.index(lab) for lab, *_ in items if lab in predictor.labels})
+        for method in methods:
+            cams = compute_cams(predictor.model, batch, classes, method, image.pixels.shape).heatmaps
+            for lab, x, y, w, h in items:
+                if lab not in predictor.labels:
+                    continue
+                heat = cams[predictor.labels.index(lab)]
+                py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+                hits[(lab, method)].append(x <= px <= x + w and y <= py <= y + h)
+                box = np.zeros(heat.shape, bool)
+                box[int(y): int(y + h), int(x): int(x + w)] = True
+                pred = heat >= 0.5 * heat.max() if heat.max() > 0 else np.zeros_like(box)
+                ious[(lab, method)].append((pred & box).sum() / max((pred | box).sum(), 1))
+    rows = []
+    for (lab, method), v in sorted(hits.items()):
+        rows.append([lab, method, len(v), float(np.mean(v)), float(np.mean(ious[(lab, method)]))])
+    for method in methods:
+        allv = [h for (lab, m), v in hits.items() if m == method for h in v]
+        alli = [i for (lab, m), v in ious.items() if m == method for i in v]
+        rows.append(["all findings", method, len(allv), float(np.mean(allv)), float(np.mean(alli))])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", action="append", required=True)
+    parser.add_argument("--images", type=int, default=40, help="images for ROAD")
+    parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,eigencam,layercam",
+                        help="comma-separated; scorecam is slow on CPU")
+    parser.add_argument("--skip-localisation", action="store_true")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in CAM_METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}")
+    print(f"## CAM faithfulness and localisation ({machine()})\n")
+    road_rows, loc_rows = [], []
+    for ckpt in args.checkpoint:
+        predictor = Predictor(ckpt)
+        road_rows += road(predictor, methods, args.images)
+        if not args.skip_localisation and "Cardiomegaly" in predictor.labels:
+            loc_rows += [[predictor.ckpt.card["architecture"], *row] for row in localisation(predictor, methods)]
+    print(f"ROAD combined on {args.images} nih-cxr14-sample images, the most probable finding (mean, SE):\n")
+    print(table(road_rows, ["architecture", "method", "ROAD combined", "SE", "images"]))
+    if loc_rows:
+        print("\nnih-cxr14-bbox: pointing game and IoU (heatmap >= 0.5 of peak) per finding:\n")
+        print(table(loc_rows, ["architecture", "finding", "method", "boxes", "pointing game", "IoU"]))
+
+
+if __name__ == "__main__":
+    main()
