@@ -48,8 +48,8 @@ def main() -> None:
             lib = median_time(lambda: library_per_finding(model, batch, classes), args.repeats)
             rows.append([name, n, ours, lib, lib / ours])
     print(f"## Heatmaps for N findings, GradCAM, {args.size} px, 1024-px NIH PNG ({machine()})\n")
-    print("medai = one forward, closed-form gradients for linear heads (DenseNet) or one backward per finding "
-          "(hybrid, ViT), heatmaps resized to the original 1024 px; library = pytorch-grad-cam GradCAM "
+    print("medai = one forward, closed-form gradients for linear heads (DenseNet) or one batched "
+          "backward for all findings (hybrid, ViT), heatmaps resized to the original 1024 px; library = pytorch-grad-cam GradCAM "
           "called once per finding (forward + backward each, heatmap at model size). Median seconds.\n")
     print(table(rows, ["architecture", "findings", "medai s", "library per finding s", "speed-up"]))
 

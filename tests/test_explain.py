@@ -194,7 +194,7 @@ def test_explain_cli_writes_overlays_and_json(tmp_path: Path, trained):
     proc = run_cli("explain", "--checkpoint", str(ckpt), str(png), "--findings", "all", "--out", str(out),
                    check=True)
     report = json.loads((out / f"{png.stem}_explanation.json").read_text())
-    assert report["explained"] == FINDINGS and report["method"] == "gradcam"
+    assert report["explained"] == FINDINGS and report["method"] == "gradcam"  # densenet121 default
     assert set(report["attention_shares"]["Effusion"]) == {"right_lung", "left_lung", "heart",
                                                             "rest_of_body", "outside_body"}
     assert report["cardiothoracic_ratio"]["ctr"] is not None

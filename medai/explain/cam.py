@@ -43,8 +43,10 @@ CAM_METHODS = {
     "eigencam": EigenCAM, "layercam": LayerCAM, "scorecam": ScoreCAM,
 }
 CLASS_AGNOSTIC = {"eigencam"}  # the same map for every finding
+# Chosen by ROAD faithfulness (benchmarks/cam_quality.py, numbers in benchmarks/RESULTS.md). Only the
+# hybrid has been measured on a trained NIH model so far; the others keep GradCAM until theirs exist.
 DEFAULT_METHOD = {"densenet121": "gradcam", "resnet18": "gradcam",
-                  "hybrid_cnn_transformer": "gradcam", "vit": "gradcam"}
+                  "hybrid_cnn_transformer": "hirescam", "vit": "gradcam"}
 
 
 class ExplainError(MedaiError):
