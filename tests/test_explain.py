@@ -201,3 +201,23 @@ def test_explain_cli_writes_overlays_and_json(tmp_path: Path, trained):
     assert len(list(out.glob("*.png"))) == 3 and "CTR" in proc.stdout
     bad = run_cli("explain", "--checkpoint", str(ckpt), str(png), "--findings", "Fracture", "--out", str(out))
     assert bad.returncode == 2 and "unknown findings" in bad.stderr
+
+
+def test_ctr_separates_cardiomegaly_from_normal_pa_films():
+    """On real NIH PA films the CTR ranks Cardiomegaly above No Finding (full numbers: benchmarks/)."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    root = need("nih-cxr14-sample")
+    rows = [r for r in csv.DictReader(open(root / "Data_Entry_2017_v2020.csv")) if r["View Position"] == "PA"]
+    cardio = [r for r in rows if "Cardiomegaly" in r["Finding Labels"].split("|")][:25]
+    normal = [r for r in rows if r["Finding Labels"] == "No Finding"][:25]
+    ctr, y = [], []
+    for r in cardio + normal:
+        anatomy = segment_chest(decode_image(root / "images" / r["Image Index"]).pixels, view="PA")
+        if anatomy.applicable and anatomy.ctr is not None:
+            ctr.append(anatomy.ctr)
+            y.append(r in cardio)
+    assert len(y) >= 45
+    assert roc_auc_score(y, ctr) >= 0.75

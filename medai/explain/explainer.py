@@ -35,7 +35,8 @@ class Explanation:
             "probabilities": dict(zip(self.labels, self.probabilities)),
             "thresholds": dict(zip(self.labels, self.thresholds)),
             "explained": list(self.heatmaps),
-            "anatomy": {"applicable": self.anatomy.applicable, "reason": self.anatomy.reason},
+            "anatomy": {"applicable": self.anatomy.applicable, "reason": self.anatomy.reason,
+                        "confidence": self.anatomy.ctr_detail.get("confidence")},
             "attention_shares": self.shares, "shortcut_warnings": self.warnings,
             "cardiothoracic_ratio": self.ctr, "timings_s": self.timings,
         }
