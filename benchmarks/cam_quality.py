@@ -38,9 +38,9 @@ class ProbabilityTarget:
         return torch.sigmoid(z) if self.kind == "multilabel" else z
 
 
-def road(predictor: Predictor, methods: list[str], n_images: int) -> list[list[object]]:
-    root = DATA / "nih-cxr14-sample"
-    files = sorted((root / "images").glob("*.jpg"))[:n_images]
+def road(predictor: Predictor, methods: list[str], n_images: int, folder: str) -> list[list[object]]:
+    files = sorted(p for p in (DATA / folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = files[:: max(1, len(files) // n_images)][:n_images]  # spread over the folder (all classes)
     metric = ROADCombined(percentiles=[20, 40, 60, 80])
     scores = defaultdict(list)
     for f in files:
@@ -52,7 +52,7 @@ def road(predictor: Predictor, methods: list[str], n_images: int) -> list[list[o
             s = metric(batch, cam[None], [ProbabilityTarget(c, predictor.kind)], predictor.model)
             scores[method].append(float(np.ravel(s)[0]))
     arch = predictor.ckpt.card["architecture"]
-    return [[arch, m, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v))), len(v)]
+    return [[arch, folder, m, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v))), len(v)]
             for m, v in sorted(scores.items(), key=lambda kv: -np.mean(kv[1]))]
 
 
@@ -98,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", action="append", required=True)
     parser.add_argument("--images", type=int, default=40, help="images for ROAD")
+    parser.add_argument("--road-images", default="nih-cxr14-sample/images",
+                        help="folder under MEDAI_DATA_DIR whose images ROAD uses")
     parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,eigencam,layercam",
                         help="comma-separated; scorecam is slow on CPU")
     parser.add_argument("--skip-localisation", action="store_true")
@@ -110,11 +112,11 @@ def main() -> None:
     road_rows, loc_rows = [], []
     for ckpt in args.checkpoint:
         predictor = Predictor(ckpt)
-        road_rows += road(predictor, methods, args.images)
+        road_rows += road(predictor, methods, args.images, args.road_images)
         if not args.skip_localisation and "Cardiomegaly" in predictor.labels:
             loc_rows += [[predictor.ckpt.card["architecture"], *row] for row in localisation(predictor, methods)]
-    print(f"ROAD combined on {args.images} nih-cxr14-sample images, the most probable finding (mean, SE):\n")
-    print(table(road_rows, ["architecture", "method", "ROAD combined", "SE", "images"]))
+    print(f"ROAD combined on {args.images} real images, the most probable finding (mean, SE):\n")
+    print(table(road_rows, ["architecture", "images from", "method", "ROAD combined", "SE", "images"]))
     if loc_rows:
         print("\nnih-cxr14-bbox: pointing game and IoU (heatmap >= 0.5 of peak) per finding:\n")
         print(table(loc_rows, ["architecture", "finding", "method", "boxes", "pointing game", "IoU"]))
