@@ -109,14 +109,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}")
     print(f"## CAM faithfulness and localisation ({machine()})\n")
-    road_rows, loc_rows = [], []
-    for ckpt in args.checkpoint:
+    print(f"ROAD combined on {args.images} real images, the most probable finding (mean, SE):\n")
+    header = ["architecture", "images from", "method", "ROAD combined", "SE", "images"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    loc_rows = []
+    for ckpt in args.checkpoint:  # rows print as each model finishes, so a time limit keeps them
         predictor = Predictor(ckpt)
-        road_rows += road(predictor, methods, args.images, args.road_images)
+        print(table(road(predictor, methods, args.images, args.road_images), header).split("\n", 2)[2],
+              flush=True)
         if not args.skip_localisation and "Cardiomegaly" in predictor.labels:
             loc_rows += [[predictor.ckpt.card["architecture"], *row] for row in localisation(predictor, methods)]
-    print(f"ROAD combined on {args.images} real images, the most probable finding (mean, SE):\n")
-    print(table(road_rows, ["architecture", "images from", "method", "ROAD combined", "SE", "images"]))
     if loc_rows:
         print("\nnih-cxr14-bbox: pointing game and IoU (heatmap >= 0.5 of peak) per finding:\n")
         print(table(loc_rows, ["architecture", "finding", "method", "boxes", "pointing game", "IoU"]))

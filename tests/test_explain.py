@@ -167,6 +167,8 @@ def test_anatomy_refuses_non_chest_inputs():
     tibia = decode_image(need("dicom/pydicom_data_RG3_J2KR.dcm"))
     anatomy = segment_chest(tibia.pixels, tibia.meta.body_part, tibia.meta.view)
     assert not anatomy.applicable and "EXTREMITY" in anatomy.reason and anatomy.right_lung is None
+    an_mr = segment_chest(decode_image(need("dicom/siim_cxr_pa_mono2.dcm")).pixels, modality="MR")
+    assert not an_mr.applicable and "MR" in an_mr.reason
     mri = sorted(need("brain-tumor-mri").rglob("*.jpg"))[::25]
     refused = sum(not segment_chest(decode_image(f).pixels).applicable for f in mri)
     assert refused >= 0.7 * len(mri)  # known limitation: some MRI slices pass the shape priors
@@ -194,7 +196,7 @@ def test_explain_cli_writes_overlays_and_json(tmp_path: Path, trained):
     proc = run_cli("explain", "--checkpoint", str(ckpt), str(png), "--findings", "all", "--out", str(out),
                    check=True)
     report = json.loads((out / f"{png.stem}_explanation.json").read_text())
-    assert report["explained"] == FINDINGS and report["method"] == "gradcam"  # densenet121 default
+    assert report["explained"] == FINDINGS and report["method"] == "hirescam"  # densenet121's default
     assert set(report["attention_shares"]["Effusion"]) == {"right_lung", "left_lung", "heart",
                                                             "rest_of_body", "outside_body"}
     assert report["cardiothoracic_ratio"]["ctr"] is not None

@@ -31,6 +31,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 WORK_SIZE = 256
+NON_RADIOGRAPH_MODALITIES = {"MR", "CT", "US", "NM", "PT"}  # not SC/OT: digitised films use them
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "HEART"}
 CTR_REFERENCE_PA = 0.5
 # Rows (as fractions of the lung span, apex = 0) searched for the widest cardiac gap. The lung bases
@@ -230,8 +231,11 @@ def _between_lungs(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.
     return heart, mediastinum, detail
 
 
-def segment_chest(pixels: np.ndarray, body_part: str | None = None, view: str | None = None) -> ChestAnatomy:
+def segment_chest(pixels: np.ndarray, body_part: str | None = None, view: str | None = None,
+                  modality: str | None = None) -> ChestAnatomy:
     """Lung fields, heart, mediastinum and body of a frontal chest X-ray (masks at WORK_SIZE)."""
+    if modality and modality.upper() in NON_RADIOGRAPH_MODALITIES:
+        return ChestAnatomy(False, f"anatomy maps apply to chest radiographs; this image is {modality}")
     if body_part and body_part.upper() not in CHEST_BODY_PARTS:
         return ChestAnatomy(False, f"anatomy maps apply to chest X-rays; this image is labelled {body_part}")
     if view and view.upper() in {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}:

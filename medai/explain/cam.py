@@ -43,10 +43,11 @@ CAM_METHODS = {
     "eigencam": EigenCAM, "layercam": LayerCAM, "scorecam": ScoreCAM,
 }
 CLASS_AGNOSTIC = {"eigencam"}  # the same map for every finding
-# Chosen by ROAD faithfulness (benchmarks/cam_quality.py, numbers in benchmarks/RESULTS.md). Only the
-# hybrid has been measured on a trained NIH model so far; the others keep GradCAM until theirs exist.
-DEFAULT_METHOD = {"densenet121": "gradcam", "resnet18": "gradcam",
-                  "hybrid_cnn_transformer": "hirescam", "vit": "gradcam"}
+# The class-specific method with the best ROAD faithfulness per architecture (benchmarks/cam_quality.py;
+# numbers and caveats in benchmarks/RESULTS.md). Class-agnostic EigenCAM is never a default: a default
+# must tell findings apart. ResNet-18 (the baseline) was not measured and keeps GradCAM.
+DEFAULT_METHOD = {"densenet121": "hirescam", "resnet18": "gradcam",
+                  "hybrid_cnn_transformer": "hirescam", "vit": "layercam"}
 
 
 class ExplainError(MedaiError):

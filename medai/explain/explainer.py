@@ -69,7 +69,7 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
     cams = compute_cams(predictor.model, batch.to(predictor.device), classes, method, image.pixels.shape)
     timings["heatmaps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view)
+    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
     timings["anatomy"] = time.perf_counter() - t0
     heatmaps = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
     result = Explanation(predictor.labels, probs, predictor.thresholds, method, heatmaps, anatomy,
