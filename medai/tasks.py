@@ -13,9 +13,3 @@ NIH_FINDINGS: tuple[str, ...] = (
 )
 NO_FINDING = "No Finding"
 
-
-def probabilities_from_logits(kind: TaskKind):
-    """The activation that turns logits into per-class probabilities for a task kind."""
-    import torch
-
-    return torch.sigmoid if kind == "multilabel" else (lambda z: torch.softmax(z, dim=-1))

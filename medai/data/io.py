@@ -8,7 +8,6 @@ radiologist can act on. Patient-identifying DICOM tags never enter the returned 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import warnings
@@ -20,8 +19,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medai.errors import MedaiError
-
-log = logging.getLogger(__name__)
 
 
 class ImageDecodeError(MedaiError):

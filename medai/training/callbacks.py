@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medai.atomic import write_json
+from medai.atomic import write_json, write_text
 
 STATES = ("queued", "running", "finished", "failed", "cancelled")
 
@@ -56,8 +56,6 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
 def truncate_progress(path: Path, before_epoch: int) -> None:
     """Keep only records of epochs before ``before_epoch`` (used on resume: no duplicated epoch)."""
     kept = [r for r in read_progress(path) if r.get("epoch", 0) < before_epoch]
-    from medai.atomic import write_text
-
     write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 

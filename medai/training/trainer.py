@@ -254,9 +254,9 @@ class Trainer:
         thresholds = {lab: metrics["per_class"][lab]["threshold"] for lab in self.labels}
         update_card(self.run_dir / "best.safetensors", thresholds=thresholds,
                     temperature=metrics["calibration"]["temperature"],
-                    metrics={k: v for k, v in report.items()},
+                    metrics=report,
                     training={"hardware": f"{platform.processor() or platform.machine()} / "
-                              f"{self.prec.device} / {self.prec.name}", "pid": os.getpid()})
+                              f"{self.prec.device} / {self.prec.name}"})
         return {"val_auroc": metrics["macro"]["auroc"], "val_map": metrics["macro"]["ap"]}
 
     def _evaluate_external(self, model: torch.nn.Module, root: str, val_metrics: dict) -> dict[str, Any]:
