@@ -282,7 +282,7 @@ class XrayDataset(Dataset):
         self.spec = spec
         self.cache = cache
         self.augment = augment
-        self._npz: dict[str, Any] = {}
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}  # MedMNIST arrays, read once
 
     def __len__(self) -> int:
         return len(self.records)
@@ -290,9 +290,10 @@ class XrayDataset(Dataset):
     def load_uint8(self, rec: Record) -> np.ndarray:
         if isinstance(rec.source, tuple):
             file, key, idx = rec.source
-            if file not in self._npz:
-                self._npz[file] = np.load(file)
-            arr = np.asarray(self._npz[file][key][idx], dtype=np.float32)
+            if (file, key) not in self._arrays:  # npz[key] reads the whole array on every access
+                with np.load(file) as npz:
+                    self._arrays[(file, key)] = npz[key]
+            arr = np.asarray(self._arrays[(file, key)][idx], dtype=np.float32)
             if arr.max() > 1.0:
                 arr = arr / 255.0
             return resize_to_uint8(arr, self.spec.image_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import platform
 import secrets
@@ -120,7 +121,7 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-        steps_per_epoch = len(self._loader(train, True))
+        steps_per_epoch = math.ceil(len(train) / t.batch_size)
         if t.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
