@@ -1,10 +1,36 @@
-"""MedAI CXR dashboard entry point (the pages arrive with the dashboard issue)."""
+"""MedAI CXR dashboard: page config, sign-in gate, then navigation over the pages the user's role may see.
+
+Every page in pages/ also checks the user and role itself (medai.ui.session.require_page), because
+Streamlit can run a page file directly from its URL without this script.
+"""
+
+from pathlib import Path
 
 import streamlit as st
 
-from medai.ui.models_panel import render_models_panel
+from medai.auth import can_open
+from medai.ui.session import configure_page, current_user, login_view, sidebar_account
 
-st.set_page_config(page_title="MedAI CXR", page_icon=":material/radiology:", layout="wide")
-st.title("MedAI CXR")
-st.caption("Decision support for chest X-rays, not a diagnosis.")
-render_models_panel()
+PAGES = Path(__file__).parent / "pages"
+# (page key, file, title, icon); shown in this order when the role allows it and the file exists
+NAVIGATION = [
+    ("analyze", "analyze.py", "Analyze", ":material/radiology:"),
+    ("history", "history.py", "History", ":material/history:"),
+    ("models", "models.py", "Models", ":material/neurology:"),
+    ("train", "train.py", "Train", ":material/model_training:"),
+    ("metrics", "metrics.py", "Metrics", ":material/monitoring:"),
+    ("backup", "backup.py", "Backup", ":material/backup:"),
+    ("users", "users.py", "Users", ":material/group:"),
+]
+
+configure_page()
+user = current_user()
+if user is None:
+    st.navigation([st.Page(login_view, title="Sign in", icon=":material/login:", url_path="login")],
+                  position="hidden").run()
+else:
+    pages = [st.Page(PAGES / file, title=title, icon=icon, url_path=key, default=not i)
+             for i, (key, file, title, icon) in enumerate(
+                 [n for n in NAVIGATION if can_open(user.role, n[0]) and (PAGES / n[1]).is_file()])]
+    sidebar_account(user)
+    st.navigation(pages).run()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m medai {train,evaluate,predict,models,data} ...``.
+"""Command line: ``python -m medai {train,evaluate,predict,explain,models,data,users} ...``.
 
 User errors (bad config, bad image, missing data) print one clear line and exit with status 2.
 """
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medai import cli_users
 from medai.errors import MedaiError
 
 log = logging.getLogger("medai")
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="folder for overlay PNGs and explanation JSON")
 
     sub.add_parser("models", help="list architectures and shipped checkpoints")
+    cli_users.add_parser(sub)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -241,7 +243,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "models": cmd_models}
+            "models": cmd_models, "users": cli_users.run}
 
 
 def main(argv: list[str] | None = None) -> int:

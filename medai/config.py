@@ -37,6 +37,8 @@ class DataConfig:
     patient_regex: str | None = None  # file-name pattern whose first group is the patient id
     max_samples: int | None = None  # cap per split (quick experiments); None = all
     eval_root: str | None = None  # an extra labelled set evaluated after training (e.g. NIH sample)
+    body_part: str | None = None  # what the images show (chest, brain, ...); the dashboard warns when an
+    # upload to a chest model does not look like a frontal chest X-ray
 
 
 @dataclass

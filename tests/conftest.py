@@ -38,10 +38,10 @@ def medai_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Pa
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     """``python -m medai ...`` in a subprocess with the test's environment (plus ``env``)."""
     proc = subprocess.run([sys.executable, "-m", "medai", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+                          timeout=timeout, input=input, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"medai {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc

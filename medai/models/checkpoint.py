@@ -39,7 +39,9 @@ def new_card(architecture: str, model_kwargs: dict, task_kind: str, labels: list
              preprocessing: dict, **extra: Any) -> dict[str, Any]:
     card = {
         "format": FORMAT, "architecture": architecture, "model_kwargs": model_kwargs,
-        "task": {"kind": task_kind, "name": extra.pop("task_name", "")}, "labels": list(labels),
+        "task": {"kind": task_kind, "name": extra.pop("task_name", ""),
+                 "body_part": extra.pop("body_part", None)},
+        "labels": list(labels),
         "preprocessing": preprocessing,
         "thresholds": {lab: 0.5 for lab in labels}, "temperature": 1.0,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -131,6 +131,7 @@ class Trainer:
         stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"])
         self.card_base = dict(architecture=cfg.model.name, model_kwargs=model_kwargs, task_kind=self.kind,
                               labels=self.labels, preprocessing=self.spec.to_dict(), task_name=cfg.name,
+                              body_part=cfg.data.body_part,
                               training_config=cfg.to_dict(), data_summary=self._data_summary(recset, train, val))
 
         def lr_at(step: int) -> float:

@@ -1,28 +1,25 @@
-"""A table of the checkpoints available to this installation."""
+"""The Models page: the checkpoints this installation serves and their model cards."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from medai.errors import MedaiError
-from medai.models.checkpoint import read_card
-from medai.paths import SHIPPED_MODELS_DIR, medai_home
+from medai.catalog import list_models
+from medai.ui.widgets import model_label
 
 
-def render_models_panel() -> None:
-    folders = {SHIPPED_MODELS_DIR, medai_home() / "models"}
-    paths = sorted({p for f in folders if f.is_dir() for p in f.glob("*.safetensors")})
-    if not paths:
+def render_models_page() -> None:
+    st.title("Models")
+    entries, problems = list_models()
+    for problem in problems:
+        st.warning(problem)
+    if not entries:
         st.info("No models yet. Train one with `python -m medai train --config configs/<recipe>.yaml`.")
         return
-    rows = []
-    for path in paths:
-        try:
-            card = read_card(path)
-        except MedaiError as exc:
-            st.warning(str(exc))
-            continue
-        auroc = card.get("metrics", {}).get("val", {}).get("macro", {}).get("auroc")
-        rows.append({"model": path.stem, "architecture": card["architecture"], "task": card["task"]["kind"],
-                     "labels": ", ".join(card["labels"]), "val AUROC": auroc})
-    st.dataframe(rows, hide_index=True)
+    st.dataframe([e.row() for e in entries], hide_index=True)
+    entry = st.selectbox("Model card", entries, format_func=model_label)
+    card_md = entry.path.with_suffix(".md")
+    if card_md.is_file():
+        st.markdown(card_md.read_text(encoding="utf-8"))
+    with st.expander("Card as stored in the checkpoint (JSON)"):
+        st.json(entry.card, expanded=False)

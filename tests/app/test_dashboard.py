@@ -1,31 +1,150 @@
-"""The dashboard entry point renders (AppTest runs the script without a browser)."""
+"""The dashboard through streamlit.testing.v1.AppTest: first run, sign-in, lockout, roles per page, and the
+Analyze page on real X-rays (no browser; tests/e2e drives a real one)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
+from medai import auth
+from medai.store import Store
+from tests.conftest import need
+
 ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery"
+PAGE_FILES = {"analyze": "analyze.py", "history": "history.py", "models": "models.py", "users": "users.py"}
+PNEUMONIA_MODEL = ROOT / "models" / "pneumonia-hybrid.safetensors"
 
 
-def test_dashboard_lists_checkpoints(medai_home: Path, tmp_path: Path):
-    app = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=60).run()
-    assert not app.exception
-    assert app.title[0].value == "MedAI CXR"
-    assert any("not a diagnosis" in c.value for c in app.caption)
+def app(page: str = "dashboard.py") -> AppTest:
+    return AppTest.from_file(str(ROOT / page), default_timeout=120)
 
-    import torch
 
-    from medai.models import create_model
-    from medai.models.checkpoint import new_card, save_checkpoint
+def sign_in(at: AppTest, username: str, password: str = PASSWORD) -> AppTest:
+    at.text_input[0].set_value(username)
+    at.text_input[1].set_value(password)
+    return at.button[0].click().run()
 
-    torch.manual_seed(0)
-    (medai_home / "models").mkdir()
-    save_checkpoint(create_model("resnet18", 2), new_card("resnet18", {}, "multiclass", ["NORMAL", "PNEUMONIA"],
-                                                          {"image_size": 64, "mean": 0.5, "std": 0.25}),
-                    medai_home / "models" / "pneumo-demo.safetensors")
-    app = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=60).run()
-    assert not app.exception
-    table = app.dataframe[0].value
-    assert "pneumo-demo" in list(table["model"]) and "NORMAL, PNEUMONIA" in list(table["labels"])
+
+def nav_pages(at: AppTest) -> set[str]:
+    """The pages the last run's st.navigation offered (by file name)."""
+    return {Path(info["script_path"]).stem for info in at._registered_pages.values()}
+
+
+def test_first_run_creates_the_admin_and_signs_in(medai_home: Path):
+    at = app().run()
+    assert not at.exception
+    assert any("No user exists yet" in m.value for m in at.markdown)
+    at.text_input[0].set_value("chief")
+    at.text_input[1].set_value(PASSWORD)
+    at.text_input[2].set_value(PASSWORD + "x")
+    at.button[0].click().run()
+    assert [e.value for e in at.error] == ["The two passwords differ."] and Store().count_users() == 0
+    at.text_input[2].set_value(PASSWORD)
+    at.button[0].click().run()
+    assert not at.exception and at.title[0].value == "Analyze"
+    assert Store().get_user("chief").role == "admin"
+    assert nav_pages(at) == {"analyze", "history", "models", "users"}
+
+
+def test_admin_password_from_environment(medai_home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MEDAI_ADMIN_PASSWORD", PASSWORD)
+    at = app().run()
+    assert [b.label for b in at.button] == ["Sign in"]  # no set-up form: the admin exists
+    assert sign_in(at, "admin").title[0].value == "Analyze"
+
+
+def test_wrong_password_then_lockout(medai_home: Path):
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = app().run()
+    for attempt in range(5):
+        sign_in(at, "rita", "not the password")
+        expected = auth.LOGIN_LOCKED if attempt == 4 else auth.LOGIN_FAILED
+        assert [e.value for e in at.error] == [expected]
+    sign_in(at, "rita", PASSWORD)  # locked: the right password is refused too
+    assert [e.value for e in at.error] == [auth.LOGIN_LOCKED]
+    assert not at.title or at.title[0].value == "MedAI CXR"
+    actions = [e["action"] for e in Store().audit_log()]
+    assert actions.count("login_failed") == 5 and "login_locked" in actions
+
+
+@pytest.mark.parametrize("role", auth.ROLES)
+def test_each_role_sees_exactly_its_pages(medai_home: Path, role: str):
+    auth.create_user(Store(), "user1", PASSWORD, role)
+    at = sign_in(app().run(), "user1")
+    existing = {key for key, file in PAGE_FILES.items() if (ROOT / "pages" / file).is_file()}
+    assert nav_pages(at) == {p for p in existing if auth.can_open(role, p)}
+    for page, file in PAGE_FILES.items():
+        # A page file run on its own (as Streamlit serves /<page>) with this session's user
+        direct = app(f"pages/{file}")
+        direct.session_state["medai_user"] = "user1"
+        direct.session_state["medai_last_seen"] = time.time()
+        direct.run()
+        assert not direct.exception
+        refused = any("does not give access" in e.value for e in direct.error)
+        assert refused == (not auth.can_open(role, page)), (role, page)
+
+
+@pytest.mark.parametrize("file", sorted(PAGE_FILES.values()))
+def test_pages_run_directly_while_signed_out_show_the_sign_in(medai_home: Path, file: str):
+    auth.create_user(Store(), "admin1", PASSWORD, "admin")
+    at = app(f"pages/{file}").run()
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert not any(t.value in ("Analyze", "History", "Models", "Users") for t in at.title)
+
+
+def test_idle_timeout_signs_out(medai_home: Path, monkeypatch: pytest.MonkeyPatch):
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    assert at.title[0].value == "Analyze"
+    at.session_state["medai_last_seen"] = 0.0  # last activity long ago
+    at.run()
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert any("inactivity" in i.value for i in at.info)
+
+
+def _analyze_upload(at: AppTest, name: str, data: bytes, mime: str) -> AppTest:
+    return at.file_uploader[0].set_value((name, data, mime)).run()
+
+
+def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
+    val = need("kermany-pneumonia/val/PNEUMONIA")
+    image = sorted(val.glob("*.jpeg"))[0]
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="analyze_model").value.name == "pneumonia-hybrid"
+    finding_lines = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert finding_lines and finding_lines[0].startswith("**PNEUMONIA**")
+    captions = [c for img in at.image for c in img.captions]
+    assert any("heatmap for PNEUMONIA" in c for c in captions) and any("JPEG" in c for c in captions)
+    assert any("Segmentation confidence" in c.value for c in at.caption)  # the anatomy panel's CTR
+    entry = Store().history(username="rita")[0]
+    assert entry.model == "pneumonia-hybrid" and entry.findings == ["PNEUMONIA"] and not entry.has_pixels
+    assert "PNEUMONIA" in str(Store().audit_log(action="analysis"))
+
+
+def test_threshold_slider_re_decides(medai_home: Path):
+    val = need("kermany-pneumonia/val/PNEUMONIA")
+    image = sorted(val.glob("*.jpeg"))[0]
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = _analyze_upload(sign_in(app().run(), "rita"), image.name, image.read_bytes(), "image/jpeg")
+    slider = next(s for s in at.slider if s.label == "PNEUMONIA")
+    slider.set_value(1.0).run()
+    assert any(m.value == "No finding above its threshold." for m in at.markdown)
+
+
+def test_corrupt_upload_shows_the_error(medai_home: Path):
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    at = _analyze_upload(at, "scan.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")
+    assert not at.exception
+    assert len(at.error) == 1 and "scan.png" in at.error[0].value and "damaged" in at.error[0].value
+    at = _analyze_upload(at, "notes.txt", b"just some text", "text/plain")
+    assert "not a PNG, JPEG or DICOM" in at.error[0].value
+    assert Store().history() == []

@@ -1,0 +1,191 @@
+"""Users, roles and logins: bcrypt hashes, lockout after repeated failures, generic errors.
+
+- Passwords are hashed with bcrypt at cost >= 12. bcrypt only reads the first 72 bytes, so a longer
+  password is refused with a clear message rather than silently truncated.
+- :func:`authenticate` answers every failure (unknown user, wrong password, disabled account) with the
+  same :class:`AuthError` text and does a bcrypt check even for unknown users, so neither the message nor
+  the timing tells whether a user exists. Failures are counted per typed username; after
+  ``MEDAI_LOCKOUT_ATTEMPTS`` (5) the name is locked for ``MEDAI_LOCKOUT_MINUTES`` (15).
+- Every login, lockout and user change is written to the audit log (never the password).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import bcrypt
+
+from medai.errors import MedaiError
+from medai.store import Store, User
+
+ROLES = ("admin", "researcher", "radiologist")
+# Which pages each role may open. Pages check this themselves (medai.ui.session.require_page).
+PAGE_ACCESS: dict[str, frozenset[str]] = {
+    "admin": frozenset({"analyze", "history", "models", "train", "metrics", "backup", "users"}),
+    "researcher": frozenset({"analyze", "history", "models", "train", "metrics"}),
+    "radiologist": frozenset({"analyze", "history", "models", "metrics"}),
+}
+BCRYPT_COST = 12
+BCRYPT_MAX_BYTES = 72
+MIN_PASSWORD_LENGTH = 10
+USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
+LOGIN_FAILED = "Invalid username or password."
+LOGIN_LOCKED = "Too many failed sign-in attempts. Try again later or ask an administrator."
+
+
+class AuthError(MedaiError):
+    """A sign-in failed; the message never says why in a way that reveals whether a user exists."""
+
+
+class PasswordPolicyError(MedaiError):
+    """A new password or username does not meet the rules."""
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    max_attempts: int = 5
+    lockout_s: float = 15 * 60
+    idle_timeout_s: float = 30 * 60
+
+    @classmethod
+    def from_env(cls) -> AuthPolicy:
+        def number(name: str, default: float) -> float:
+            raw = os.environ.get(name)
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise MedaiError(f"{name} must be a number of minutes/attempts, got {raw!r}") from None
+
+        return cls(max_attempts=int(number("MEDAI_LOCKOUT_ATTEMPTS", 5)),
+                   lockout_s=60 * number("MEDAI_LOCKOUT_MINUTES", 15),
+                   idle_timeout_s=60 * number("MEDAI_IDLE_TIMEOUT_MINUTES", 30))
+
+
+def can_open(role: str, page: str) -> bool:
+    return page in PAGE_ACCESS.get(role, frozenset())
+
+
+def check_password_policy(password: str) -> bytes:
+    """The UTF-8 bytes of an acceptable new password, or :class:`PasswordPolicyError`."""
+    raw = password.encode("utf-8")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise PasswordPolicyError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    if len(raw) > BCRYPT_MAX_BYTES:
+        raise PasswordPolicyError(f"the password is {len(raw)} bytes long in UTF-8; at most {BCRYPT_MAX_BYTES} "
+                                  "bytes are used by bcrypt, so choose a shorter one (nothing is truncated)")
+    return raw
+
+
+def hash_password(password: str) -> bytes:
+    return bcrypt.hashpw(check_password_policy(password), bcrypt.gensalt(rounds=BCRYPT_COST))
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> bytes:
+    return bcrypt.hashpw(b"medai-timing-equaliser", bcrypt.gensalt(rounds=BCRYPT_COST))
+
+
+def _password_matches(password: str, stored: bytes | None) -> bool:
+    raw = password.encode("utf-8")
+    if len(raw) > BCRYPT_MAX_BYTES:  # could never have been set; still spend the same time
+        raw = b""
+    # checkpw compares in constant time; unknown users are checked against a dummy hash
+    matches = bcrypt.checkpw(raw, stored or _dummy_hash())
+    return matches and stored is not None and len(password) > 0
+
+
+def authenticate(store: Store, username: str, password: str, policy: AuthPolicy | None = None,
+                 now: float | None = None) -> User:
+    """The signed-in user, or :class:`AuthError` with a generic message."""
+    policy = policy or AuthPolicy.from_env()
+    now = time.time() if now is None else now
+    name = username.strip()
+    failures, locked_until = store.attempts(name)
+    if locked_until > now:
+        store.audit(name, "login_locked")
+        raise AuthError(LOGIN_LOCKED)
+    user = store.get_user(name) if name else None
+    ok = _password_matches(password, store.password_hash(name) if user else None)
+    if not ok or user is None or user.disabled:
+        failures += 1
+        locked = failures >= policy.max_attempts
+        store.set_attempts(name, 0 if locked else failures, now + policy.lockout_s if locked else 0.0)
+        store.audit(name, "login_failed", reason="disabled" if ok and user and user.disabled else "credentials",
+                    locked=locked)
+        raise AuthError(LOGIN_LOCKED if locked else LOGIN_FAILED)
+    store.set_attempts(user.username, 0, 0.0)
+    store.update_user(user.username, last_login=now)
+    store.audit(user.username, "login_ok", role=user.role)
+    return user
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise PasswordPolicyError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+
+
+def create_user(store: Store, username: str, password: str, role: str, actor: str | None = None) -> User:
+    name = username.strip()
+    if not USERNAME_RE.match(name):
+        raise PasswordPolicyError("usernames are 2-64 characters: letters, digits and . _ @ - "
+                                  "(starting with a letter or digit)")
+    _check_role(role)
+    user = store.add_user(name, hash_password(password), role)
+    store.audit(actor or name, "user_created", user=name, role=role)
+    return user
+
+
+def create_first_admin(store: Store, username: str, password: str) -> User:
+    """The first-run set-up: only allowed while the store has no user at all."""
+    if store.count_users() > 0:
+        raise AuthError("set-up is already done; sign in instead")
+    return create_user(store, username, password, "admin")
+
+
+def ensure_admin_from_env(store: Store) -> User | None:
+    """Unattended set-up: create ``MEDAI_ADMIN_USER`` (default ``admin``) with ``MEDAI_ADMIN_PASSWORD``
+    when the store has no user yet."""
+    password = os.environ.get("MEDAI_ADMIN_PASSWORD")
+    if not password or store.count_users() > 0:
+        return None
+    return create_first_admin(store, os.environ.get("MEDAI_ADMIN_USER", "admin"), password)
+
+
+def _require_user(store: Store, username: str) -> User:
+    user = store.get_user(username)
+    if user is None:
+        raise MedaiError(f"no user {username!r}")
+    return user
+
+
+def _keep_an_admin(store: Store, user: User) -> None:
+    if user.role == "admin" and not user.disabled and store.count_active_admins() <= 1:
+        raise MedaiError("this is the last active admin; make another admin first")
+
+
+def set_role(store: Store, username: str, role: str, actor: str) -> None:
+    _check_role(role)
+    user = _require_user(store, username)
+    if role != "admin":
+        _keep_an_admin(store, user)
+    store.update_user(user.username, role=role)
+    store.audit(actor, "role_changed", user=user.username, old=user.role, new=role)
+
+
+def set_disabled(store: Store, username: str, disabled: bool, actor: str) -> None:
+    user = _require_user(store, username)
+    if disabled:
+        _keep_an_admin(store, user)
+    store.update_user(user.username, disabled=int(disabled))
+    store.audit(actor, "user_disabled" if disabled else "user_enabled", user=user.username)
+
+
+def reset_password(store: Store, username: str, password: str, actor: str) -> None:
+    user = _require_user(store, username)
+    store.update_user(user.username, password_hash=hash_password(password))
+    store.set_attempts(user.username, 0, 0.0)
+    store.audit(actor, "password_reset", user=user.username)

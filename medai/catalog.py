@@ -1,0 +1,59 @@
+"""The checkpoints this installation can serve: shipped (repository ``models/``), installed
+(``$MEDAI_HOME/models``) and trained (``best.safetensors`` of finished runs under ``results/runs``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medai.errors import MedaiError
+from medai.models.checkpoint import read_card
+from medai.paths import SHIPPED_MODELS_DIR, medai_home, runs_dir
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    source: str  # shipped | installed | run
+    card: dict[str, Any]
+
+    @property
+    def val_auroc(self) -> float | None:
+        val = self.card.get("metrics", {}).get("val", {})
+        return val.get("macro", {}).get("auroc") if isinstance(val, dict) else None
+
+    def row(self) -> dict[str, Any]:
+        return {"model": self.name, "source": self.source, "architecture": self.card["architecture"],
+                "task": self.card["task"].get("name") or self.card["task"]["kind"],
+                "labels": ", ".join(self.card["labels"]), "val AUROC": self.val_auroc}
+
+
+def _finished(run: Path) -> bool:
+    try:
+        return json.loads((run / "status.json").read_text()).get("state") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def list_models(include_runs: bool = True) -> tuple[list[ModelEntry], list[str]]:
+    """All readable checkpoints (shipped first, then by name) and one message per unreadable file."""
+    found: list[tuple[str, Path, str]] = []
+    for folder, source in ((SHIPPED_MODELS_DIR, "shipped"), (medai_home() / "models", "installed")):
+        if folder.is_dir():
+            found += [(p.stem, p, source) for p in sorted(folder.glob("*.safetensors"))]
+    if include_runs and runs_dir().is_dir():
+        found += [(run.name, run / "best.safetensors", "run") for run in sorted(runs_dir().iterdir())
+                  if (run / "best.safetensors").is_file() and _finished(run)]
+    entries, problems, seen = [], [], set()
+    for name, path, source in found:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        try:
+            entries.append(ModelEntry(name, path, source, read_card(path)))
+        except MedaiError as exc:
+            problems.append(str(exc))
+    return entries, problems

@@ -1,0 +1,209 @@
+"""The Analyze page: upload, predict, threshold, explain, download; every analysis goes to History."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from medai.analysis import (DISCLAIMER, Analysis, analyze_bytes, chest_check, decide, report_pdf, result_dict,
+                            window)
+from medai.catalog import ModelEntry, list_models
+from medai.errors import MedaiError
+from medai.explain.cam import CAM_METHODS, default_method
+from medai.explain.explainer import Explanation, explain
+from medai.explain.overlay import render_overlay, to_png
+from medai.inference import Predictor
+from medai.store import Store, User
+from medai.ui.widgets import cached_predictor, model_label, probability_chart, shares_chart
+
+DEFAULT_MODEL = "pneumonia-hybrid"
+
+
+def _pick_model(entries: list[ModelEntry]) -> ModelEntry:
+    names = [e.name for e in entries]
+    default = names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0
+    return st.sidebar.selectbox("Model", entries, index=default, format_func=model_label, key="analyze_model")
+
+
+def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list) -> list[Analysis]:
+    """Analyze each upload once per model (kept in the session); errors are shown per file."""
+    cache: dict[tuple[str, str], Analysis | str] = st.session_state.setdefault("analyses", {})
+    out = []
+    for upload in uploads:
+        key = (predictor.ckpt.sha256, upload.file_id)
+        if key not in cache:
+            try:
+                cache[key] = analyze_bytes(predictor, entry.name, upload.getvalue(), upload.name)
+                _record(user, cache[key], predictor)
+            except MedaiError as exc:
+                cache[key] = str(exc)
+        if isinstance(cache[key], str):
+            st.error(cache[key], icon=":material/error:")
+        else:
+            out.append(cache[key])
+    return out
+
+
+def _record(user: User, analysis: Analysis, predictor: Predictor) -> None:
+    """History row and audit entry: hashes, model and findings; pixels only if the admin allows it."""
+    db = Store()
+    pixels = None
+    if db.get_setting("store_pixels"):
+        buf = io.BytesIO()
+        Image.fromarray((analysis.image.pixels * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+        pixels = buf.getvalue()
+    result = result_dict(analysis, dict(zip(predictor.labels, predictor.thresholds)), predictor.ckpt.card)
+    db.add_history(user.username, analysis.model_name, analysis.model_sha256, analysis.file_name,
+                   analysis.image_sha256, result["findings"], result, pixels)
+    db.audit(user.username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
+             findings=result["findings"])
+
+
+def _thresholds(predictor: Predictor) -> dict[str, float]:
+    """Per-finding thresholds, starting at the model's operating points; sliders re-decide live."""
+    defaults = dict(zip(predictor.labels, predictor.thresholds))
+    with st.sidebar.expander("Decision thresholds", icon=":material/tune:"):
+        if st.button("Reset to the model's operating points"):
+            for label in defaults:
+                st.session_state.pop(f"thr_{predictor.ckpt.sha256}_{label}", None)
+        return {label: st.slider(label, 0.0, 1.0, value=float(defaults[label]), step=0.01,
+                                 key=f"thr_{predictor.ckpt.sha256}_{label}") for label in defaults}
+
+
+def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
+    if len(analyses) == 1:
+        return analyses[0]
+    rows = [{"file": a.file_name, "findings": ", ".join(r["finding"] for r in
+                                                        decide(a.labels, a.prediction.probabilities, thresholds)
+                                                        if r["positive"]) or "none",
+             "top probability": max(a.prediction.probabilities)} for a in analyses]
+    st.subheader(f"{len(analyses)} images")
+    event = st.dataframe(rows, hide_index=True, on_select="rerun", selection_mode="single-row",
+                         key="batch_table")
+    chosen = event.selection.rows if event and event.selection else []
+    return analyses[chosen[0] if chosen else 0]
+
+
+def _image_panel(analysis: Analysis) -> np.ndarray:
+    meta = analysis.image.meta
+    pixels = analysis.image.pixels
+    if meta.source_format == "dicom":
+        c1, c2 = st.columns(2)
+        level = c1.slider("Level", 0.0, 1.0, 0.5, 0.01, key=f"level_{analysis.image_sha256}")
+        width = c2.slider("Width", 0.05, 1.0, 1.0, 0.01, key=f"width_{analysis.image_sha256}")
+        shown = window(pixels, level, width)
+    else:
+        shown = window(pixels, 0.5, 1.0)
+    details = [meta.source_format.upper(), f"{meta.width} x {meta.height}"]
+    details += [v for v in (meta.modality, meta.body_part, meta.view) if v]
+    st.image(shown, caption=" | ".join(details), width="stretch")
+    return shown
+
+
+def _findings_panel(rows: list[dict]) -> None:
+    positives = [r for r in rows if r["positive"]]
+    if positives:
+        for r in positives:
+            st.markdown(f"**{r['finding']}**: {r['probability']:.2f} ({r['confidence']}; threshold "
+                        f"{r['threshold']:.2f})")
+    else:
+        st.markdown("No finding above its threshold.")
+    st.plotly_chart(probability_chart(rows), key="prob_chart")
+
+
+def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method: str) -> Explanation:
+    cache: dict[tuple, Explanation] = st.session_state.setdefault("explanations", {})
+    key = (predictor.ckpt.sha256, analysis.image_sha256, finding, method)
+    if key not in cache:
+        with st.spinner(f"Computing {method} heatmap for {finding}..."):
+            cache[key] = explain(predictor, analysis.image, [finding], method)
+    return cache[key]
+
+
+def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]) -> tuple[Explanation, np.ndarray]:
+    c1, c2, c3 = st.columns([2, 2, 1])
+    finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
+    methods = list(CAM_METHODS)
+    arch_default = default_method(predictor.ckpt.card["architecture"])
+    method = c2.selectbox("Method", methods, index=methods.index(arch_default), key="heat_method",
+                          help=f"{arch_default} is this architecture's default (best ROAD score measured)")
+    opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="heat_opacity")
+    contours = st.checkbox("Outline lungs and heart", value=True, key="heat_contours")
+    exp = _explanation(predictor, analysis, finding, method)
+    overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], opacity,
+                             exp.anatomy if contours else None)
+    st.image(overlay, caption=f"{method} heatmap for {finding}", width="stretch")
+    return exp, overlay
+
+
+def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None:
+    warning = chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
+    if not exp.anatomy.applicable:
+        st.info(f"No anatomy map: {exp.anatomy.reason}")
+        return
+    st.markdown("**Where the heatmap falls**")
+    st.plotly_chart(shares_chart(exp.shares[finding]), key="shares_chart")
+    if finding in exp.warnings:
+        st.warning(exp.warnings[finding], icon=":material/report:")
+    ctr = exp.ctr
+    if ctr.get("ctr") is not None:
+        conf = ctr.get("confidence", "normal")
+        st.metric("Cardiothoracic ratio (estimate)", f"{ctr['ctr']:.2f}",
+                  delta="above 0.5" if ctr.get("enlarged") else "0.5 or below", delta_color="off")
+        st.caption(f"{ctr['note']}. Segmentation confidence: {conf}.")
+
+
+def _downloads(result: dict[str, Any], shown: np.ndarray, overlay: np.ndarray, title: str, stem: str) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Overlay PNG", lambda: to_png(overlay), f"{stem}_overlay.png", "image/png",
+                       on_click="ignore", icon=":material/image:")
+    c2.download_button("Result JSON", json.dumps(result, indent=2), f"{stem}_result.json", "application/json",
+                       on_click="ignore", icon=":material/data_object:")
+    c3.download_button("PDF report", lambda: report_pdf(result, shown, overlay, title), f"{stem}_report.pdf",
+                       "application/pdf", on_click="ignore", icon=":material/picture_as_pdf:")
+
+
+def render_analyze(user: User) -> None:
+    st.title("Analyze")
+    st.caption(DISCLAIMER)
+    entries, problems = list_models()
+    for problem in problems:
+        st.warning(problem)
+    if not entries:
+        st.info("No model is available. Train one on the Train page or with `python -m medai train`.")
+        return
+    entry = _pick_model(entries)
+    predictor = cached_predictor(entry)
+    thresholds = _thresholds(predictor)
+    uploads = st.file_uploader("Chest X-rays (PNG, JPEG or DICOM)", accept_multiple_files=True, key="uploads",
+                               help="The type is read from the file's content; DICOM files need no extension.")
+    analyses = _analyses(user, entry, predictor, uploads or [])
+    if not analyses:
+        return
+    analysis = _select(analyses, thresholds)
+    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
+    left, right = st.columns(2)
+    with left:
+        st.subheader(analysis.file_name)
+        shown = _image_panel(analysis)
+    with right:
+        st.subheader("Findings")
+        _findings_panel(rows)
+    st.divider()
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Heatmap")
+        exp, overlay = _heatmap_panel(predictor, analysis, rows)
+    with right:
+        st.subheader("Anatomy")
+        finding = st.session_state["heat_finding"]
+        _anatomy_panel(predictor, exp, finding)
+    result = result_dict(analysis, thresholds, predictor.ckpt.card, exp.to_dict())
+    _downloads(result, shown, overlay, f"{exp.method} heatmap for {finding}", analysis.file_name.rsplit(".", 1)[0])

@@ -1,0 +1,52 @@
+"""The History page: past analyses (admins see everyone's), filters, and re-opening one result."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import streamlit as st
+
+from medai.store import Store, User
+from medai.ui.widgets import probability_chart
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_history(user: User) -> None:
+    st.title("History")
+    db = Store()
+    c1, c2, c3, c4 = st.columns(4)
+    everyone = user.role == "admin"
+    who = c1.text_input("User", value="" if everyone else user.username, disabled=not everyone,
+                        help=None if everyone else "You see your own analyses; admins see everyone's.")
+    model = c2.text_input("Model")
+    finding = c3.text_input("Finding")
+    days = c4.number_input("Last days", min_value=1, max_value=3650, value=30)
+    since = dt.datetime.now().timestamp() - days * 86400
+    entries = db.history(username=(who.strip() or None) if everyone else user.username,
+                         model=model.strip() or None, finding=finding.strip() or None, since=since)
+    if not entries:
+        st.info("No analyses match these filters.")
+        return
+    rows = [{"id": e.id, "time": _when(e.ts), "user": e.username, "model": e.model, "file": e.file_name,
+             "findings": ", ".join(e.findings) or "none", "image sha256": e.image_sha256[:12]} for e in entries]
+    event = st.dataframe(rows, hide_index=True, on_select="rerun", selection_mode="single-row", key="history_table")
+    chosen = event.selection.rows if event and event.selection else []
+    ids = [e.id for e in entries]
+    pick = st.selectbox("Open analysis", ids, index=chosen[0] if chosen else 0,
+                        format_func=lambda i: next(f"#{r['id']} {r['time']} {r['file']}" for r in rows if r["id"] == i))
+    entry = entries[ids.index(pick)]
+    st.subheader(f"#{entry.id}: {entry.file_name}")
+    st.caption(f"{_when(entry.ts)} by {entry.username} with {entry.model} (model sha256 {entry.model_sha256[:12]})")
+    left, right = st.columns(2)
+    pixels = db.history_pixels(entry.id) if entry.has_pixels else None
+    if pixels:
+        left.image(pixels, width="stretch")
+    else:
+        left.info("Image pixels are not stored (the admin setting keeps only hashes and results).")
+    right.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")
+    st.download_button("Result JSON", json.dumps(entry.result, indent=2), f"analysis_{entry.id}.json",
+                       "application/json", on_click="ignore")

@@ -1,0 +1,131 @@
+"""Sign-in, first-run set-up, idle timeout and the per-page role guard.
+
+Streamlit serves every file in ``pages/`` at its own URL and may run it in a fresh session without
+``dashboard.py`` (so without its navigation). The protection is therefore :func:`require_page`, which
+every page calls first: no signed-in user -> the sign-in form; wrong role -> refused. Hiding a page in the
+navigation is only convenience.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from medai import auth
+from medai.errors import MedaiError
+from medai.store import Store, User
+
+USER_KEY = "medai_user"
+SEEN_KEY = "medai_last_seen"
+PAGE_TITLES = {"analyze": "Analyze", "history": "History", "train": "Train", "metrics": "Metrics",
+               "backup": "Backup", "users": "Users", "models": "Models"}
+
+
+def configure_page() -> None:
+    st.set_page_config(page_title="MedAI CXR", page_icon=":material/radiology:", layout="wide")
+
+
+def store() -> Store:
+    return Store()
+
+
+def current_user() -> User | None:
+    """The signed-in, still active user of this session, or None (also after the idle timeout)."""
+    name = st.session_state.get(USER_KEY)
+    if not name:
+        return None
+    now = time.time()
+    if now - st.session_state.get(SEEN_KEY, 0.0) > auth.AuthPolicy.from_env().idle_timeout_s:
+        store().audit(name, "logout", reason="idle timeout")
+        sign_out()
+        st.session_state["medai_notice"] = "You were signed out after a period of inactivity."
+        return None
+    user = store().get_user(name)
+    if user is None or user.disabled:  # disabled or removed while signed in
+        sign_out()
+        return None
+    st.session_state[SEEN_KEY] = now
+    return user
+
+
+def sign_out() -> None:
+    for key in list(st.session_state.keys()):
+        del st.session_state[key]
+
+
+def _first_run_form(db: Store) -> None:
+    st.subheader("Set up MedAI CXR")
+    st.write("No user exists yet. Create the first administrator account (or start the app with "
+             "`MEDAI_ADMIN_PASSWORD` set for unattended set-up).")
+    with st.form("first_admin"):
+        username = st.text_input("Administrator username", value="admin")
+        password = st.text_input("Password", type="password",
+                                 help=f"{auth.MIN_PASSWORD_LENGTH}+ characters, at most 72 bytes")
+        repeat = st.text_input("Repeat password", type="password")
+        if st.form_submit_button("Create administrator", type="primary"):
+            if password != repeat:
+                st.error("The two passwords differ.")
+                return
+            try:
+                user = auth.create_first_admin(db, username, password)
+            except MedaiError as exc:
+                st.error(str(exc))
+                return
+            _start_session(user)
+
+
+def _start_session(user: User) -> None:
+    st.session_state[USER_KEY] = user.username
+    st.session_state[SEEN_KEY] = time.time()
+    st.rerun()
+
+
+def login_view() -> None:
+    """The sign-in form (or first-run set-up when the store has no user)."""
+    st.title("MedAI CXR")
+    st.caption("Decision support for chest X-rays, not a diagnosis.")
+    db = store()
+    try:
+        auth.ensure_admin_from_env(db)
+    except MedaiError as exc:
+        st.error(f"MEDAI_ADMIN_PASSWORD was not accepted: {exc}")
+    if db.count_users() == 0:
+        _first_run_form(db)
+        return
+    notice = st.session_state.pop("medai_notice", None)
+    if notice:
+        st.info(notice)
+    with st.form("login"):
+        username = st.text_input("Username")
+        password = st.text_input("Password", type="password")
+        if st.form_submit_button("Sign in", type="primary"):
+            try:
+                user = auth.authenticate(db, username, password)
+            except auth.AuthError as exc:
+                st.error(str(exc))
+                return
+            _start_session(user)
+
+
+def require_page(page: str) -> User:
+    """First call of every page: the signed-in user allowed to see ``page``; otherwise stop the script."""
+    configure_page()
+    user = current_user()
+    if user is None:
+        login_view()
+        st.stop()
+    if not auth.can_open(user.role, page):
+        store().audit(user.username, "access_denied", page=page)
+        st.error(f"Your role ({user.role}) does not give access to {PAGE_TITLES.get(page, page)}.")
+        st.stop()
+    return user
+
+
+def sidebar_account(user: User) -> None:
+    with st.sidebar:
+        st.caption(f"Signed in as **{user.username}** ({user.role})")
+        if st.button("Sign out", icon=":material/logout:"):
+            store().audit(user.username, "logout")
+            sign_out()
+            st.rerun()
