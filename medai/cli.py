@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True, help="dataset folder/file (relative to MEDAI_DATA_DIR) or a config")
     e.add_argument("--split", default="val", help="split to evaluate (default val; 'all' for every image)")
+    e.add_argument("--root", help="with a config as --data: evaluate this dataset folder with the config's "
+                   "data settings instead of data.root (e.g. its eval_root)")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for AUROC CIs")
     e.add_argument("--batch-size", type=int, default=64)
@@ -56,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list architectures and shipped checkpoints")
     cli_users.add_parser(sub)
+
+    sh = sub.add_parser("ship", help="turn a finished run into a shipped model (fp16 + card + models/NAME.md)")
+    sh.add_argument("run", help="run id or folder")
+    sh.add_argument("--name", required=True, help="model name, e.g. pneumonia-hybrid")
+    sh.add_argument("--out", help="folder (default: the repository's models/)")
+    sh.add_argument("--threshold-method", choices=["youden", "sensitivity"])
+    sh.add_argument("--target-sensitivity", type=float)
+    sh.add_argument("--notes", default="", help="what mattered in training (goes into the card)")
+    sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -84,42 +95,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from medai.atomic import write_json
     from medai.config import DataConfig, load_config
-    from medai.data.datasets import XrayDataset, cap_records, load_records
-    from medai.evaluation.report import evaluate_logits, write_predictions_csv
+    from medai.evaluation.report import write_predictions_csv
+    from medai.evaluation.runner import evaluate_checkpoint
     from medai.models.checkpoint import load_checkpoint
-    from medai.training.amp import resolve_precision, resolve_device
-    from medai.data.transforms import PreprocessSpec
-    from medai.training.loop import predict_loader
 
     ckpt = load_checkpoint(args.checkpoint)
-    card = ckpt.card
     data_cfg = load_config(args.data).data if args.data.endswith((".yaml", ".yml")) else DataConfig(root=args.data)
-    recset = load_records(data_cfg)
-    if recset.labels != card["labels"]:
-        raise MedaiError(f"dataset labels {recset.labels} differ from the checkpoint's {card['labels']}")
-    records = recset.records if args.split == "all" else recset.split(args.split)
-    records = cap_records(records, data_cfg.max_samples, data_cfg.split_seed)
-    if not records:
-        raise MedaiError(f"split '{args.split}' of {recset.root} has no images")
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
-    loader = DataLoader(XrayDataset(records, spec), batch_size=args.batch_size)
-    preds = predict_loader(ckpt.model, loader, resolve_precision("off", resolve_device("cpu")))
-    thresholds = [card["thresholds"][lab] for lab in card["labels"]]
-    metrics, probs = evaluate_logits(preds["logits"], preds["targets"], card["labels"], card["task"]["kind"],
-                                     temperature=card.get("temperature", 1.0), thresholds=thresholds,
-                                     n_boot=args.bootstrap)
-    metrics["checkpoint"] = {"path": str(ckpt.path), "sha256": ckpt.sha256}
-    metrics["data"] = {"root": recset.root, "split": args.split}
+    result = evaluate_checkpoint(ckpt, data_cfg, args.split, root=args.root, n_boot=args.bootstrap,
+                                 batch_size=args.batch_size)
     if args.out:
         out = Path(args.out)
-        write_json(out / "eval.json", metrics)
+        write_json(out / "eval.json", result.metrics)
+        preds = result.preds
         write_predictions_csv(out / "predictions.csv", preds["ids"], preds["patients"], preds["targets"],
-                              probs, card["labels"])
-    _print_metrics(metrics)
+                              result.probs, ckpt.card["labels"])
+    _print_metrics(result.metrics)
     return 0
 
 
@@ -242,8 +234,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from medai.shipping import ship_run
+
+    path = ship_run(args.run, args.name, out_dir=Path(args.out) if args.out else None,
+                    threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
+                    notes=args.notes, baseline=args.baseline)
+    print(f"shipped {path} ({path.stat().st_size / 2**20:.1f} MB) and {path.with_suffix('.md')}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "models": cmd_models, "users": cli_users.run}
+            "models": cmd_models, "users": cli_users.run,
+            "ship": cmd_ship}
 
 
 def main(argv: list[str] | None = None) -> int:

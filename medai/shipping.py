@@ -1,0 +1,236 @@
+"""Turn a finished training run into a shipped model: compact fp16 weights, a complete model card in the
+checkpoint, and the same card rendered as ``models/<name>.md``.
+
+The card's validation numbers are computed here from the fp16 weights actually shipped, through the same
+:func:`medai.evaluation.runner.evaluate_checkpoint` that ``python -m medai evaluate`` uses, so the command
+reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medai.atomic import write_text
+from medai.config import ExperimentConfig, load_config
+from medai.errors import MedaiError
+from medai.evaluation.metrics import auroc_per_class
+from medai.evaluation.runner import evaluate_checkpoint
+from medai.models.checkpoint import load_checkpoint, save_checkpoint
+from medai.paths import SHIPPED_MODELS_DIR, resolve_data_path, runs_dir
+from medai.training.callbacks import read_progress
+
+NOT_FOR_DIAGNOSIS = ("Research and decision-support use by trained readers only; not a medical device and not "
+                     "for diagnosis.")
+DATASETS: dict[str, dict[str, str]] = {
+    "kermany-pneumonia": {
+        "source": "Kermany et al. 2018, Guangzhou Women and Children's Medical Center: paediatric (age 1-5) "
+                  "frontal chest X-rays, 224 px grayscale",
+        "licence": "CC BY 4.0",
+        "limitations": "Paediatric patients from one hospital only: not validated on adults or other sites. "
+                       "Bacterial and viral pneumonia are one class. The validation split comes from the same "
+                       "distribution as training, so real-world performance will be lower."},
+    "nih-cxr14-train-224": {
+        "source": "NIH Clinical Center ChestX-ray14 (Wang et al. 2017), patients 1-3923, 224 px",
+        "licence": "CC0",
+        "limitations": "Labels were text-mined from reports (about 90% accurate) and several findings are "
+                       "rare; one hospital, adults. Trained on about 13k images at low resolution on CPU: "
+                       "small findings (nodules) are poorly detected."},
+    "brain-tumor-mri": {
+        "source": "Brain MRI slices assembled from figshare, SARTAJ and Br35H (Kaggle 'Brain Tumor MRI "
+                  "Dataset'), duplicates removed",
+        "licence": "research and testing only (mixed sources)",
+        "limitations": "Mixed public sources with unknown scanners and sequences; single slices, not volumes; "
+                       "research and testing only."},
+}
+
+
+def _dataset_info(root: str) -> dict[str, str]:
+    return DATASETS.get(Path(root).name, {"source": root, "licence": "unknown",
+                                          "limitations": "No dataset notes recorded."})
+
+
+def _training_facts(run_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
+    epochs = [r for r in read_progress(run_dir / "progress.jsonl") if r.get("type") == "epoch"]
+    status = json.loads((run_dir / "status.json").read_text())
+    return {"run_id": run_dir.name, "epochs_run": len(epochs), "best_epoch": status.get("best_epoch"),
+            "time_s": round(sum(r.get("epoch_time_s", 0.0) for r in epochs), 1),
+            "images_per_s": round(float(np.median([r["images_per_s"] for r in epochs])), 1) if epochs else None,
+            "hardware": card.get("training", {}).get("hardware"),
+            "curve": [{"epoch": r["epoch"], "train_loss": round(r["train_loss"], 4),
+                       "val_auroc": round(r["val_auroc"], 4)} for r in epochs]}
+
+
+def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.ndarray) -> dict[str, Any] | None:
+    """Per-finding AUROC of the published CheXNet probabilities shipped with the NIH sample, if present."""
+    path = resolve_data_path(root) / "reference_chexnet_preds.csv"
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    ref = pd.read_csv(path)
+    key = next(c for c in ref.columns if not c.startswith("prob_"))
+    ref = ref.set_index(ref[key].astype(str).map(lambda s: Path(s).stem))
+    order = [Path(i).stem for i in ids]
+    cols = [f"prob_{lab}" for lab in labels]
+    if not set(order) <= set(ref.index) or not set(cols) <= set(ref.columns):
+        return None
+    aurocs = auroc_per_class(targets.astype(int), ref.loc[order, cols].to_numpy(dtype=float))
+    per = {lab: a for lab, a in zip(labels, aurocs)}
+    valid = [a for a in aurocs if a is not None]
+    return {"name": "published CheXNet (DenseNet121, ~78k NIH images)", "per_class_auroc": per,
+            "macro_auroc": float(np.mean(valid)) if valid else None}
+
+
+def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, threshold_method: str | None = None,
+             target_sensitivity: float | None = None, notes: str = "", baseline: str | Path | None = None,
+             n_boot: int = 500) -> Path:
+    """Write ``<out_dir>/<name>.safetensors`` (fp16) and ``<name>.md`` from a finished run."""
+    run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
+    best = run_dir / "best.safetensors"
+    if not best.is_file():
+        raise MedaiError(f"{run_dir} has no best.safetensors; is it a finished training run?")
+    cfg: ExperimentConfig = load_config(run_dir / "config.yaml")
+    out_dir = Path(out_dir or SHIPPED_MODELS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}.safetensors"
+    source = load_checkpoint(best)
+    card = dict(source.card)
+    save_checkpoint(source.model, card, target, dtype=torch.float16)
+    method = threshold_method or cfg.train.threshold_method
+    sens = target_sensitivity or cfg.train.target_sensitivity
+    val = evaluate_checkpoint(load_checkpoint(target), cfg.data, cfg.data.val_split, fit=True,
+                              threshold_method=method, target_sensitivity=sens, n_boot=n_boot)
+    metrics = {k: v for k, v in val.metrics.items() if k not in ("checkpoint",)}
+    card.update(thresholds={lab: metrics["per_class"][lab]["threshold"] for lab in card["labels"]},
+                temperature=metrics["calibration"]["temperature"])
+    report: dict[str, Any] = {"val": metrics}
+    if cfg.data.eval_root:
+        save_checkpoint(source.model, card, target, dtype=torch.float16)  # external eval uses these thresholds
+        every_image = dataclasses.replace(cfg.data, max_samples=None)  # as the trainer's external evaluation
+        ext = evaluate_checkpoint(load_checkpoint(target), every_image, "all", root=cfg.data.eval_root,
+                                  n_boot=n_boot)
+        report["external"] = {k: v for k, v in ext.metrics.items() if k != "checkpoint"}
+        reference = _reference_aurocs(cfg.data.eval_root, card["labels"], ext.preds["ids"], ext.preds["targets"])
+        if reference:
+            report["external_reference"] = reference
+    info = _dataset_info(cfg.data.root)
+    card["metrics"] = report
+    card["model_card"] = {
+        "name": name, "parameters": sum(p.numel() for p in source.model.parameters()),
+        "data": {**info, "summary": card.get("data_summary")},
+        "training": _training_facts(run_dir, card), "notes": notes,
+        "intended_use": NOT_FOR_DIAGNOSIS, "limitations": info["limitations"],
+        "baseline": _baseline_summary(baseline) if baseline else None,
+    }
+    card["intended_use"], card["limitations"] = NOT_FOR_DIAGNOSIS, info["limitations"]
+    card["model_card"]["recipe"] = _recipe_file(cfg.name)
+    save_checkpoint(source.model, card, target, dtype=torch.float16)
+    card["model_card"]["file_mb"] = round(target.stat().st_size / 2**20, 1)
+    write_text(target.with_suffix(".md"), render_card(card))
+    return target
+
+
+def _recipe_file(name: str) -> str | None:
+    """The configs/ file whose ``name`` is the run's (to print a reproduce command)."""
+    from medai.paths import PROJECT_ROOT
+
+    for path in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+        try:
+            if load_config(path).name == name:
+                return f"configs/{path.name}"
+        except MedaiError:
+            continue
+    return None
+
+
+def _baseline_summary(path: str | Path) -> dict[str, Any]:
+    from medai.models.checkpoint import read_card
+
+    other = read_card(path)
+    val = other["metrics"]["val"]
+    out = {"name": Path(path).stem, "architecture": other["architecture"], "macro": val["macro"],
+           "ece_after": val["calibration"]["ece_after"],
+           "auroc_ci95": {lab: c["auroc_ci95"] for lab, c in val["per_class"].items()},
+           "epochs_run": other.get("model_card", {}).get("training", {}).get("epochs_run")}
+    if "external" in other["metrics"]:
+        out["external_macro_auroc"] = other["metrics"]["external"]["macro"]["auroc"]
+    return out
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _ci(c: list[float] | None) -> str:
+    return f" ({c[0]:.3f}-{c[1]:.3f})" if c else ""
+
+
+def _metrics_table(m: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
+    head = "| label | support | AUROC (95% CI) | AP | threshold | sensitivity | specificity |"
+    rows = [head + (" reference AUROC |" if reference else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if reference else "")]
+    for lab, c in m["per_class"].items():
+        row = (f"| {lab} | {c['support']} | {_num(c['auroc'])}{_ci(c['auroc_ci95'])} | {_num(c['ap'])} | "
+               f"{_num(c['threshold'])} | {_num(c.get('sensitivity'))} | {_num(c.get('specificity'))} |")
+        if reference:
+            row += f" {_num(reference['per_class_auroc'].get(lab))} |"
+        rows.append(row)
+    mac = m["macro"]
+    rows.append(f"| **macro** | {m['n']} | **{_num(mac['auroc'])}** | {_num(mac['ap'])} | | "
+                f"{_num(mac['sensitivity'])} | {_num(mac['specificity'])} |"
+                + (f" **{_num(reference['macro_auroc'])}** |" if reference else ""))
+    return rows
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The model card as Markdown (the Models page and ``models/<name>.md`` show it)."""
+    mc = card["model_card"]
+    tr, data, val = mc["training"], mc["data"], card["metrics"]["val"]
+    cal = val["calibration"]
+    cfg = card.get("training_config", {})
+    used = (data.get("summary") or {}).get("used", {})
+    lines = [f"# Model card: {mc['name']}", "",
+             f"**Task**: {card['task'].get('name')} ({card['task']['kind']}); labels: {', '.join(card['labels'])}.",
+             f"**Architecture**: `{card['architecture']}` {card.get('model_kwargs') or ''}, "
+             f"{mc['parameters'] / 1e6:.2f} M parameters, fp16 weights ({mc.get('file_mb', '?')} MB); input "
+             f"{card['preprocessing']['image_size']} px grayscale.", "",
+             "## Training data", f"- Source: {data['source']}", f"- Licence: {data['licence']}",
+             f"- Split: by patient, patient-disjoint: {(data.get('summary') or {}).get('patient_disjoint')}"]
+    for split, counts in used.items():
+        per = ", ".join(f"{k} {v}" for k, v in counts["per_label"].items())
+        lines.append(f"- {split}: {counts['images']} images, {counts['patients']} patients ({per})")
+    lines += ["", "## Training",
+              f"- Config: `{mc.get('recipe') or card['task'].get('name')}` (stored in the card as "
+              f"`training_config`); epochs run {tr['epochs_run']} of {cfg.get('train', {}).get('epochs')}, "
+              f"best epoch {tr['best_epoch']}",
+              f"- Time: {tr['time_s'] / 60:.1f} min on {tr['hardware']} ({tr['images_per_s']} images/s)"]
+    if mc.get("notes"):
+        lines.append(f"- What mattered: {mc['notes']}")
+    lines += ["", "## Validation", f"Threshold rule: {val.get('threshold_method')}. Temperature "
+              f"{cal['temperature']:.3f}; ECE {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after "
+              "temperature scaling.", "", *_metrics_table(val)]
+    ext = card["metrics"].get("external")
+    if ext:
+        lines += ["", f"## External evaluation: {ext['data']['root']} ({ext['n']} images)",
+                  "Thresholds and temperature from validation. Reference column: a published CheXNet's "
+                  "probabilities for the same images.", "",
+                  *_metrics_table(ext, card["metrics"].get("external_reference"))]
+    base = mc.get("baseline")
+    if base:
+        lines += ["", "## Baseline", f"`{base['name']}` ({base['architecture']}, same data and schedule): "
+                  f"validation macro AUROC {_num(base['macro']['auroc'])}, AP {_num(base['macro']['ap'])}, "
+                  f"sensitivity {_num(base['macro']['sensitivity'])}, specificity "
+                  f"{_num(base['macro']['specificity'])}, ECE after scaling {_num(base['ece_after'], 4)}"
+                  + (f"; external macro AUROC {_num(base['external_macro_auroc'])}"
+                     if base.get("external_macro_auroc") is not None else "") + "."]
+    lines += ["", "## Intended use", mc["intended_use"], "", "## Known limitations", mc["limitations"], "",
+              "Reproduce the validation numbers: `python -m medai evaluate --checkpoint "
+              f"models/{mc['name']}.safetensors --data {mc.get('recipe') or 'configs/<recipe>.yaml'} --split val`",
+              ""]
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Shipping a run: fp16 checkpoint with a full card, rendered Markdown, numbers `evaluate` reproduces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medai.config import load_config
+from medai.models.checkpoint import read_card
+from medai.shipping import ship_run
+from medai.training.trainer import train
+from tests.conftest import need, run_cli, tiny_config
+
+
+def test_ship_mnist_run_card_and_evaluate_reproduces(tmp_path: Path):
+    need("pneumoniamnist")
+    config = tiny_config(tmp_path, "pneumoniamnist", data={"labels": ["normal", "pneumonia"], "max_samples": 200},
+                         train={"epochs": 2})
+    run_dir = train(load_config(config))
+    out = ship_run(run_dir, "mnist-demo", out_dir=tmp_path / "models", threshold_method="sensitivity",
+                   target_sensitivity=0.97, notes="a smoke test")
+    card = read_card(out)
+    val = card["metrics"]["val"]
+    assert val["per_class"]["pneumonia"]["sensitivity"] >= 0.97  # the requested operating point
+    assert card["thresholds"]["pneumonia"] == val["per_class"]["pneumonia"]["threshold"]
+    assert card["model_card"]["training"]["epochs_run"] == 2 and card["model_card"]["notes"] == "a smoke test"
+    assert val["per_class"]["pneumonia"]["auroc_ci95"] is not None
+    # fp16 weights: about half the fp32 file
+    assert out.stat().st_size < 0.6 * (run_dir / "best.safetensors").stat().st_size
+    md = out.with_suffix(".md").read_text()
+    for heading in ("## Training data", "## Validation", "## Intended use", "## Known limitations"):
+        assert heading in md
+    assert "patient-disjoint: True" in md and "not for diagnosis" in md
+    proc = run_cli("evaluate", "--checkpoint", str(out), "--data", str(run_dir / "config.yaml"), "--split", "val",
+                   "--out", str(tmp_path / "eval"), check=True)
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert again["macro"] == val["macro"] and again["calibration"]["ece_after"] == val["calibration"]["ece_after"]
+    assert again["per_class"]["pneumonia"]["auroc_ci95"] == val["per_class"]["pneumonia"]["auroc_ci95"]
+    assert "macro" in proc.stdout
+
+
+def test_ship_nih_run_reports_the_chexnet_reference(tmp_path: Path):
+    need("nih-cxr14-train-224")
+    need("nih-cxr14-sample/reference_chexnet_preds.csv")
+    config = tiny_config(tmp_path, "nih-cxr14-train-224", data={"max_samples": 96, "eval_root": "nih-cxr14-sample"},
+                         train={"epochs": 1, "batch_size": 32})
+    out = ship_run(train(load_config(config)), "nih-demo", out_dir=tmp_path / "models", n_boot=50)
+    metrics = read_card(out)["metrics"]
+    reference = metrics["external_reference"]
+    assert abs(reference["macro_auroc"] - 0.777) < 0.005  # the published figure for these 621 images
+    assert set(reference["per_class_auroc"]) == set(metrics["external"]["per_class"])
+    assert metrics["external"]["n"] == 621
+    assert "reference AUROC" in out.with_suffix(".md").read_text()
