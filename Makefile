@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all setup clean-venv
+.PHONY: run test test-all e2e setup clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ test: $(STAMP)
 # Everything, slow tests included (longer real training runs).
 test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"
+
+# Real-browser suite (tests/e2e): Playwright + Debian's chromium (apt; its own browser download is not used).
+E2E_STAMP := $(VENV)/.installed-e2e
+$(E2E_STAMP): $(STAMP) requirements-e2e.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-e2e.txt
+	touch $(E2E_STAMP)
+
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+e2e: $(E2E_STAMP) /usr/bin/chromium
+	$(PY) -m pytest tests/e2e -m e2e
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,5 +32,9 @@ else:
     pages = [st.Page(PAGES / file, title=title, icon=icon, url_path=key, default=not i)
              for i, (key, file, title, icon) in enumerate(
                  [n for n in NAVIGATION if can_open(user.role, n[0]) and (PAGES / n[1]).is_file()])]
+    navigation = st.navigation(pages, position="hidden")  # the sidebar links below replace Streamlit's list
+    with st.sidebar:
+        for page in pages:
+            st.page_link(page)
     sidebar_account(user)
-    st.navigation(pages).run()
+    navigation.run()

@@ -48,7 +48,7 @@ def road(predictor: Predictor, methods: list[str], n_images: int, folder: str) -
         probs = predictor.predict_tensor(batch)[0]
         c = int(np.argmax(probs))  # the model's most probable finding
         for method in methods:
-            cam = compute_cams(predictor.model, batch, [c], method).heatmaps[c]
+            cam = compute_cams(predictor.model, batch, [c], method, softmax=predictor.kind == "multiclass").heatmaps[c]
             s = metric(batch, cam[None], [ProbabilityTarget(c, predictor.kind)], predictor.model)
             scores[method].append(float(np.ravel(s)[0]))
     arch = predictor.ckpt.card["architecture"]
@@ -73,7 +73,8 @@ def localisation(predictor: Predictor, methods: list[str]) -> list[list[object]]
         batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
         classes = sorted({predictor.labels.index(lab) for lab, *_ in items if lab in predictor.labels})
         for method in methods:
-            cams = compute_cams(predictor.model, batch, classes, method, image.pixels.shape).heatmaps
+            cams = compute_cams(predictor.model, batch, classes, method, image.pixels.shape,
+                                softmax=predictor.kind == "multiclass").heatmaps
             for lab, x, y, w, h in items:
                 if lab not in predictor.labels:
                     continue

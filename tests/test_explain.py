@@ -18,7 +18,7 @@ from medai.data.datasets import XrayDataset, load_records
 from medai.data.io import decode_image
 from medai.data.transforms import PreprocessSpec, preprocess
 from medai.explain.anatomy import attention_shares, ctr_summary, segment_chest, shortcut_warning
-from medai.explain.cam import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, compute_cams
+from medai.explain.cam import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, LogSoftmaxTarget, compute_cams
 from medai.explain.overlay import render_overlay
 from medai.models import create_model
 from tests.conftest import need, run_cli
@@ -85,20 +85,22 @@ def test_heatmaps_for_every_architecture_and_method(trained, chest, arch, method
     assert not np.allclose(other, a, atol=1e-3), "heatmap insensitive to the model's weights"
 
 
+@pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("arch", ["densenet121", "resnet18", "hybrid_cnn_transformer", "vit_tiny"])
-def test_shared_forward_matches_the_library_one_finding_at_a_time(trained, chest, arch):
+def test_shared_forward_matches_the_library_one_finding_at_a_time(trained, chest, arch, softmax):
     """Closed-form linear-head gradients (no backward) and one batched backward for all findings give
-    exactly pytorch-grad-cam's own GradCAM."""
+    exactly pytorch-grad-cam's own GradCAM, for raw logits (sigmoid heads) and for log-probabilities
+    (softmax heads)."""
     _, batch = chest
     model = trained[arch]
-    ours = compute_cams(model, batch, [0, 1, 2], "gradcam")
+    ours = compute_cams(model, batch, [0, 1, 2], "gradcam", softmax=softmax)
     assert ours.backward_passes == (0 if arch in ("densenet121", "resnet18") else 1)  # batched backward
     reshape = model.cam_reshape_transform if model.uses_token_grid else None
     for c in range(3):
         reference_model = copy.deepcopy(model)
         cam = GradCAM(model=reference_model, target_layers=reference_model.cam_target_layers(),
                       reshape_transform=reference_model.cam_reshape_transform if reshape else None)
-        expected = cam(batch, [ClassifierOutputTarget(c)])[0]
+        expected = cam(batch, [LogSoftmaxTarget(c) if softmax else ClassifierOutputTarget(c)])[0]
         cam.activations_and_grads.release()
         # the library divides by (max + 1e-7); compute_cams divides by the max itself, so the two maps
         # are equal up to that scale factor
@@ -160,6 +162,8 @@ def test_anatomy_on_a_real_chest_xray():
     shares = attention_shares(corner, anatomy)
     assert shares["outside_body"] + shares["rest_of_body"] > 0.95
     assert "shortcut" in shortcut_warning(shares)
+    empty = attention_shares(np.zeros_like(image.pixels), anatomy)
+    assert sum(empty.values()) == 0 and shortcut_warning(empty) is None  # no attention: no shortcut claim
     assert "AP view" in ctr_summary(anatomy, "AP")["note"]
 
 

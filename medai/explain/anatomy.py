@@ -284,6 +284,8 @@ def attention_shares(heatmap: np.ndarray, anatomy: ChestAnatomy) -> dict[str, fl
 
 
 def shortcut_warning(shares: dict[str, float], threshold: float = 0.5) -> str | None:
+    if sum(shares.values()) <= 0:  # an empty heatmap shows no attention anywhere, so no shortcut either
+        return None
     inside = shares.get("right_lung", 0) + shares.get("left_lung", 0) + shares.get("heart", 0)
     if inside < threshold:
         return (f"only {inside:.0%} of the attention falls on the lungs and heart; the model may be using "

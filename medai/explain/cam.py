@@ -66,8 +66,23 @@ class CamResult:
     backward_passes: int
 
 
-def _linear_head_gradient(model: MedaiModel, activations: torch.Tensor, classes: list[int]) -> dict[int, np.ndarray] | None:
-    """d logit_c / d A for heads that average-pool the target layer and apply one linear layer."""
+class LogSoftmaxTarget:
+    """The log-probability of one class of a softmax head: the evidence for it *against* the others.
+
+    A softmax model only learns logit differences, so the raw logit of a class can fall while its
+    probability rises; explaining the raw logit then gives empty or inverted maps."""
+
+    def __init__(self, category: int):
+        self.category = category
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model_output, dim=-1)[..., self.category]
+
+
+def _linear_head_gradient(model: MedaiModel, activations: torch.Tensor, classes: list[int],
+                          probs: np.ndarray | None) -> dict[int, np.ndarray] | None:
+    """d score_c / d A for heads that average-pool the target layer and apply one linear layer; the score
+    is the logit, or with ``probs`` (softmax heads) the log-probability: W_c - sum_k p_k W_k."""
     if isinstance(model, DenseNet121):
         mask = (activations > 0).float()  # forward_features applies ReLU after norm5
     elif isinstance(model, ResNet18):
@@ -76,17 +91,22 @@ def _linear_head_gradient(model: MedaiModel, activations: torch.Tensor, classes:
         return None
     h, w = activations.shape[-2:]
     weight = model.classifier.weight.detach().float()
+    if probs is not None:
+        weight = weight - torch.as_tensor(probs, dtype=weight.dtype) @ weight
     return {c: (weight[c][None, :, None, None] / (h * w) * mask).numpy() for c in classes}
 
 
 def _gradients(model: MedaiModel, logits: torch.Tensor, layer_out: torch.Tensor, activations: torch.Tensor,
-               classes: list[int], method: str, cam, reshape) -> tuple[dict[int, np.ndarray], int]:
-    """d logit_c / d activations for each class, and how many backward passes that took."""
+               classes: list[int], method: str, cam, reshape, softmax: bool) -> tuple[dict[int, np.ndarray], int]:
+    """d score_c / d activations for each class, and how many backward passes that took."""
     if method in CLASS_AGNOSTIC or not cam.uses_gradients:
         return {}, 0
-    closed_form = _linear_head_gradient(model, activations, classes)
+    probs = torch.softmax(logits.detach().float(), dim=1)[0].numpy() if softmax else None
+    closed_form = _linear_head_gradient(model, activations, classes, probs)
     if closed_form is not None:
         return closed_form, 0
+    if softmax:
+        logits = torch.log_softmax(logits, dim=1)
     if len(classes) > 1:
         batched = _batched_gradients(logits, layer_out, classes, reshape)
         if batched is not None:
@@ -125,8 +145,10 @@ def resize_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], method: str = "gradcam",
-                 output_size: tuple[int, int] | None = None) -> CamResult:
-    """Heatmaps of ``classes`` for one preprocessed image ``batch`` (1 x 1 x S x S)."""
+                 output_size: tuple[int, int] | None = None, softmax: bool = False) -> CamResult:
+    """Heatmaps of ``classes`` for one preprocessed image ``batch`` (1 x 1 x S x S).
+
+    ``softmax=True`` (multiclass models) explains each class's log-probability instead of its raw logit."""
     if method not in CAM_METHODS:
         raise ExplainError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
     if batch.ndim != 4 or batch.shape[0] != 1:
@@ -148,13 +170,14 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
         grab.remove()
     layer_out = captured["out"]
     activations = (reshape(layer_out) if reshape is not None else layer_out).detach()
-    gradients, backward = _gradients(model, logits, layer_out, activations, classes, method, cam, reshape)
+    gradients, backward = _gradients(model, logits, layer_out, activations, classes, method, cam, reshape, softmax)
+    target = LogSoftmaxTarget if softmax else ClassifierOutputTarget
     heatmaps: dict[int, np.ndarray] = {}
     for c in classes:
         if method in CLASS_AGNOSTIC and heatmaps:
             heatmaps[c] = next(iter(heatmaps.values()))
             continue
-        raw = cam.get_cam_image(batch, layers[0], [ClassifierOutputTarget(c)], activations.numpy(),
+        raw = cam.get_cam_image(batch, layers[0], [target(c)], activations.numpy(),
                                 gradients.get(c), eigen_smooth=False)
         raw = np.maximum(raw, 0)
         peak = raw.max()

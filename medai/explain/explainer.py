@@ -66,7 +66,8 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
     timings["predict"] = time.perf_counter() - t0
     classes = select_findings(predictor, probs, findings)
     t0 = time.perf_counter()
-    cams = compute_cams(predictor.model, batch.to(predictor.device), classes, method, image.pixels.shape)
+    cams = compute_cams(predictor.model, batch.to(predictor.device), classes, method, image.pixels.shape,
+                        softmax=predictor.kind == "multiclass")
     timings["heatmaps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)

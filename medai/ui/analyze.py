@@ -148,8 +148,12 @@ def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None
     if not exp.anatomy.applicable:
         st.info(f"No anatomy map: {exp.anatomy.reason}")
         return
-    st.markdown("**Where the heatmap falls**")
-    st.plotly_chart(shares_chart(exp.shares[finding]), key="shares_chart")
+    if float(exp.heatmaps[finding].max()) <= 0:
+        st.info(f"{exp.method} finds no positive evidence for {finding} at the model's last layer (the heatmap "
+                "is empty), so there is no attention to place on the anatomy. Try gradcam++ or eigencam.")
+    else:
+        st.markdown("**Where the heatmap falls**")
+        st.plotly_chart(shares_chart(exp.shares[finding]), key="shares_chart")
     if finding in exp.warnings:
         st.warning(exp.warnings[finding], icon=":material/report:")
     ctr = exp.ctr

@@ -1,0 +1,130 @@
+"""A real browser against a real ``streamlit run dashboard.py``: Debian's chromium driven by Playwright.
+
+The server runs on a free loopback port with a fresh temporary MEDAI_HOME (its own database). Screenshots
+go to ``results/e2e/`` (git-ignored; CI keeps them as artefacts) unless ``MEDAI_E2E_SHOTS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("MEDAI_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+PASSWORD = "correct horse battery"
+USERS = {"admin1": "admin", "res1": "researcher", "rad1": "radiologist"}
+SHOTS = Path(os.environ.get("MEDAI_E2E_SHOTS", ROOT / "results" / "e2e"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"streamlit did not become healthy at {url} within {timeout} s")
+
+
+def _medai(env: dict[str, str], *args: str, stdin: str | None = None) -> None:
+    subprocess.run([sys.executable, "-m", "medai", *args], cwd=ROOT, env=env, input=stdin, text=True, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def e2e_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-home")
+
+
+@pytest.fixture(scope="session")
+def server(e2e_home: Path) -> Iterator[str]:
+    """URL of a dashboard with one user per role already created."""
+    home = e2e_home
+    env = {**os.environ, "MEDAI_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    env.pop("MEDAI_ADMIN_PASSWORD", None)
+    for user, role in USERS.items():
+        _medai(env, "users", "add", user, "--role", role, "--password-stdin", stdin=PASSWORD + "\n")
+    port = _free_port()
+    log = open(home / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).is_file() and not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make e2e` installs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    # tall enough that the Analyze page fits (Streamlit scrolls inside its own container, not the page)
+    context = browser.new_context(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    yield pg
+    context.close()
+
+
+def shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def sign_in(page, url: str, user: str, path: str = "") -> None:
+    page.goto(f"{url}/{path}")
+    page.get_by_role("button", name="Sign in").wait_for()
+    if path:  # a page this session's navigation does not offer: Streamlit says so in a dialog
+        try:
+            page.get_by_text("Page not found").wait_for(timeout=3000)
+            page.keyboard.press("Escape")
+            page.get_by_role("dialog").wait_for(state="hidden")
+        except PlaywrightTimeout:
+            pass
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text(f"Signed in as {user}").wait_for()

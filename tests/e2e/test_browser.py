@@ -1,0 +1,62 @@
+"""Access control and the Analyze page in a real browser (run with `make e2e`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medai.store import Store
+from tests.conftest import need
+from tests.e2e.conftest import USERS, shot, sign_in
+
+pytestmark = pytest.mark.e2e
+
+PAGE_URLS = ["", "analyze", "history", "models", "users", "train", "metrics", "backup", "login"]
+NAV = {"admin": {"Analyze", "History", "Models", "Users"}, "researcher": {"Analyze", "History", "Models"},
+       "radiologist": {"Analyze", "History", "Models"}}
+ALL_TITLES = {"Analyze", "History", "Models", "Users", "Train", "Metrics", "Backup"}
+
+
+@pytest.mark.parametrize("path", PAGE_URLS)
+def test_signed_out_every_page_url_shows_only_the_sign_in(server, page, path):
+    page.goto(f"{server}/{path}")
+    page.get_by_role("button", name="Sign in").wait_for()
+    headings = set(page.locator("h1").all_inner_texts())
+    assert not (headings & ALL_TITLES), headings
+    body = page.locator("body").inner_text()
+    for secret in ("Audit log", "Chest X-rays (PNG", "Model card", "Open analysis"):
+        assert secret not in body
+    # the sidebar lists no page names while signed out
+    assert not page.locator('[data-testid="stSidebarNav"], [data-testid="stPageLink"]').count()
+
+
+@pytest.mark.parametrize("user", sorted(USERS))
+def test_each_role_sees_its_pages_and_cannot_open_others_by_url(server, page, user):
+    role = USERS[user]
+    sign_in(page, server, user)
+    links = set(page.locator('[data-testid="stSidebar"] [data-testid="stPageLink"]').all_inner_texts())
+    assert {link.strip().split("\n")[-1] for link in links} == NAV[role]  # text = icon name + title
+    if role != "admin":
+        sign_in(page, server, user, path="users")  # a URL visit starts a new session: sign in there
+        body = page.locator("body").inner_text()
+        assert "Audit log" not in body and "New user" not in body
+
+
+def test_radiologist_analyzes_real_xrays(server, e2e_home, page):
+    jpeg = sorted(need("kermany-pneumonia/val/PNEUMONIA").glob("*.jpeg"))[0]
+    dicom = need("dicom/siim_cxr_pa_mono2.dcm")
+    sign_in(page, server, "rad1")
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(jpeg), str(dicom)])
+    page.get_by_text("2 images").wait_for(timeout=120_000)
+    page.get_by_text("heatmap for").first.wait_for(timeout=120_000)
+    body = page.locator("body").inner_text()
+    assert "Findings" in body and jpeg.name in body  # the first image is selected for exploring
+    with page.expect_download() as download:
+        page.get_by_role("button", name="PDF report").click()
+    assert download.value.suggested_filename.endswith("_report.pdf")
+    assert Path(download.value.path()).read_bytes().startswith(b"%PDF")
+    shot(page, "analyze")
+    history = Store(e2e_home / "data" / "medai.db").history(username="rad1")
+    assert {e.file_name for e in history} == {jpeg.name, dicom.name}
+    assert all(e.result["model"]["name"] == "pneumonia-hybrid" for e in history)

@@ -1,0 +1,78 @@
+"""The Analyze page's logic on real images: decisions, confidence words, display window, the JSON result
+(no patient tags) and the one-page PDF report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from medai.analysis import analyze_bytes, chest_check, confidence_band, decide, report_pdf, result_dict, window
+from medai.explain.anatomy import segment_chest
+from medai.inference import Predictor
+from medai.models import create_model
+from medai.models.checkpoint import load_checkpoint, new_card, save_checkpoint
+from tests.conftest import need
+
+
+@pytest.fixture
+def chest_predictor(tmp_path) -> Predictor:
+    torch.manual_seed(0)
+    card = new_card("resnet18", {}, "multiclass", ["NORMAL", "PNEUMONIA"],
+                    {"image_size": 64, "mean": 0.5, "std": 0.25}, body_part="chest")
+    path = save_checkpoint(create_model("resnet18", 2), card, tmp_path / "demo.safetensors")
+    return Predictor(load_checkpoint(path))
+
+
+def test_decide_orders_positives_first_with_confidence_words():
+    rows = decide(["A", "B", "C", "D"], [0.25, 0.95, 0.55, 0.05], {"A": 0.5, "B": 0.5, "C": 0.5, "D": 0.5})
+    assert [r["finding"] for r in rows] == ["B", "C", "A", "D"]
+    assert [r["positive"] for r in rows] == [True, True, False, False]
+    assert [r["confidence"] for r in rows] == ["very likely", "borderline", "unlikely", "very unlikely"]
+    assert confidence_band(0.7, 0.5) == "likely"
+    # moving one threshold re-decides only that finding
+    assert [r["positive"] for r in decide(["A", "B"], [0.2, 0.95], {"A": 0.1, "B": 0.99})] == [True, False]
+
+
+def test_window_maps_level_and_width_to_grey_levels():
+    pixels = np.linspace(0, 1, 11, dtype=np.float32)[None, :]
+    assert window(pixels, 0.5, 1.0)[0].tolist() == [0, 26, 51, 77, 102, 128, 153, 179, 204, 230, 255]
+    narrow = window(pixels, 0.5, 0.2)[0]
+    assert narrow[:4].tolist() == [0] * 4 and narrow[-4:].tolist() == [255] * 4 and narrow[5] in (127, 128)
+
+
+def test_dicom_result_has_no_patient_tags_and_report_is_one_pdf_page(chest_predictor: Predictor):
+    path = need("dicom/siim_cxr_pa_mono2.dcm")
+    data = path.read_bytes()
+    analysis = analyze_bytes(chest_predictor, "demo", data, path.name)
+    assert analysis.image.meta.source_format == "dicom" and analysis.image.meta.view == "PA"
+    thresholds = {"NORMAL": 0.5, "PNEUMONIA": 0.5}
+    result = result_dict(analysis, thresholds, chest_predictor.ckpt.card)
+    text = json.dumps(result)
+    assert "16d7f894" not in text  # PatientID / PatientName of this file
+    assert result["image_sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    assert len(result["results"]) == 2 and result["findings"] == [r["finding"] for r in result["results"]
+                                                                   if r["positive"]]
+    shown = window(analysis.image.pixels, 0.5, 1.0)
+    overlay = np.stack([shown] * 3, axis=-1)
+    pdf = report_pdf(result, shown, overlay, "gradcam heatmap for PNEUMONIA")
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    assert len(re.findall(rb"/Type\s*/Page\b", pdf)) == 1
+    assert b"MedAI CXR analysis report" in pdf
+
+
+def test_chest_model_warns_on_a_brain_mri_but_not_on_a_chest_film(chest_predictor: Predictor):
+    mri = sorted(need("brain-tumor-mri/glioma").glob("*.jpg"))[:20]
+    chest = need("dicom/siim_cxr_pa_mono2.dcm")
+    image = chest_predictor.decode(chest)
+    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
+    assert anatomy.applicable and chest_check(chest_predictor, True, "") is None
+    warned = 0
+    for path in mri:
+        pixels = chest_predictor.decode(path).pixels
+        a = segment_chest(pixels)
+        warned += chest_check(chest_predictor, a.applicable, a.reason) is not None
+    assert warned >= 0.7 * len(mri)  # the anatomy gate refuses most MRI slices (measured: 76% overall)
