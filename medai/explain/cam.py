@@ -47,7 +47,7 @@ CLASS_AGNOSTIC = {"eigencam"}  # the same map for every finding
 # numbers and caveats in benchmarks/RESULTS.md). Class-agnostic EigenCAM is never a default: a default
 # must tell findings apart. ResNet-18 (the baseline) was not measured and keeps GradCAM.
 DEFAULT_METHOD = {"densenet121": "hirescam", "resnet18": "gradcam",
-                  "hybrid_cnn_transformer": "hirescam", "vit": "layercam"}
+                  "hybrid_cnn_transformer": "gradcam", "vit": "layercam"}
 
 
 class ExplainError(MedaiError):
