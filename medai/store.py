@@ -68,6 +68,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX history_ts ON history(ts);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: the registry of training jobs started from the dashboard (medai.training.jobs)
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        run_dir TEXT NOT NULL,
+        device TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        registered_as TEXT
+    );
+    CREATE INDEX runs_state ON runs(state);
+    """,
 )
 
 DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False}
@@ -257,6 +272,30 @@ class Store:
         with self.connect() as conn:
             row = conn.execute("SELECT pixels FROM history WHERE id = ?", (entry_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
+
+    # ---- training job registry -------------------------------------------------------------
+    def add_run(self, run_id: str, username: str, run_dir: str, device: str, state: str = "queued") -> None:
+        now = time.time()
+        with self.connect() as conn:
+            conn.execute("INSERT INTO runs (run_id, username, run_dir, device, state, created_at, updated_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, username, run_dir, device, state, now, now))
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"state", "pid", "registered_as"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.connect() as conn:
+            conn.execute(f"UPDATE runs SET {assignments}, updated_at = ? WHERE run_id = ?",
+                         (*fields.values(), time.time(), run_id))
+
+    def runs(self, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        query, params = "SELECT * FROM runs", ()
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            params = states
+        with self.connect() as conn:
+            return [dict(r) for r in conn.execute(query + " ORDER BY created_at", params)]
 
     # ---- settings ------------------------------------------------------------------------------
     def get_setting(self, key: str) -> Any:
