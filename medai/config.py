@@ -132,6 +132,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in typing.get_args(tp):
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(c) for c in typing.get_args(tp))
             raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")

@@ -24,6 +24,7 @@ def test_overrides_are_typed():
                                                                "data.labels=[NORMAL]", "train.grad_clip=null"])
     assert cfg.train.lr == 1e-4 and cfg.train.epochs == 2 and cfg.data.labels == ["NORMAL"]
     assert cfg.train.grad_clip is None
+    assert load_config(ROOT / "configs/hybrid_pneumonia.yaml", ["train.amp=off"]).train.amp == "off"  # not False
 
 
 @pytest.mark.parametrize("tree, overrides, key", [

@@ -12,9 +12,9 @@ def probs_from_logits(logits: np.ndarray, kind: str, temperature: float = 1.0) -
     return (torch.sigmoid(z) if kind == "multilabel" else torch.softmax(z, dim=-1)).numpy()
 
 
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, kind: str, bins: int = 15) -> float:
-    """ECE with equal-width bins: top-label confidence for multi-class, every (image, class)
-    probability for multi-label."""
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, kind: str, bins: int = 15) -> list[dict[str, float]]:
+    """Equal-width confidence bins: mean confidence, observed accuracy and count of each non-empty bin
+    (top-label confidence for multi-class, every (image, class) probability for multi-label)."""
     if kind == "multiclass":
         conf = probs.max(1)
         correct = (probs.argmax(1) == y_true.argmax(1)).astype(float)
@@ -22,12 +22,15 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, kind: str,
         conf, correct = probs.ravel(), y_true.ravel().astype(float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
+    return [{"confidence": float(conf[which == b].mean()), "accuracy": float(correct[which == b].mean()),
+             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, kind: str, bins: int = 15) -> float:
+    """ECE: the count-weighted gap between confidence and accuracy over :func:`reliability_bins`."""
+    rows = reliability_bins(y_true, probs, kind, bins)
+    total = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows))
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray, kind: str) -> float:

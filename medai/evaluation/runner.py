@@ -51,3 +51,27 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_cfg: DataConfig, split: str
     metrics["checkpoint"] = {"path": str(ckpt.path), "sha256": ckpt.sha256}
     metrics["data"] = {"root": recset.root, "split": split}
     return Evaluation(metrics, probs, preds)
+
+
+def read_predictions_csv(path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Labels, targets and probabilities from a ``predictions.csv`` written by evaluation."""
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    labels = [c[len("prob_"):] for c in table.columns if c.startswith("prob_")]
+    targets = table[[f"true_{lab}" for lab in labels]].to_numpy(dtype=int)
+    return labels, targets, table[[f"prob_{lab}" for lab in labels]].to_numpy(dtype=float)
+
+
+def stored_evaluation(run_dir) -> Evaluation:
+    """A finished run's validation evaluation as the trainer stored it (eval.json + predictions.csv)."""
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    try:
+        metrics = json.loads((run_dir / "eval.json").read_text())["val"]
+        labels, targets, probs = read_predictions_csv(run_dir / "predictions.csv")
+    except (OSError, ValueError, KeyError) as exc:
+        raise MedaiError(f"{run_dir.name} has no readable stored evaluation ({exc})") from None
+    return Evaluation(metrics, probs, {"targets": targets, "labels": labels})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from medai.training.trainer import CANCEL_FILE, new_run_dir
 FINAL_STATES = ("finished", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
 PROCESS_LOG = "process.log"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _number(name: str, default: float) -> float:
@@ -93,6 +95,8 @@ def check_launchable(cfg: ExperimentConfig) -> None:
     from medai.models.registry import list_models
     from medai.training.amp import resolve_device, resolve_precision
 
+    if not RUN_NAME.match(cfg.name):
+        raise ConfigError(f"run name {cfg.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if not resolve_data_path(cfg.data.root).exists():
         raise ConfigError(f"dataset {cfg.data.root!r} was not found under {resolve_data_path('.')}")
     if cfg.model.name not in list_models():

@@ -13,8 +13,9 @@ from tests.e2e.conftest import USERS, shot, sign_in
 pytestmark = pytest.mark.e2e
 
 PAGE_URLS = ["", "analyze", "history", "models", "users", "train", "metrics", "backup", "login"]
-NAV = {"admin": {"Analyze", "History", "Models", "Users"}, "researcher": {"Analyze", "History", "Models"},
-       "radiologist": {"Analyze", "History", "Models"}}
+NAV = {"admin": {"Analyze", "History", "Models", "Train", "Metrics", "Users"},
+       "researcher": {"Analyze", "History", "Models", "Train", "Metrics"},
+       "radiologist": {"Analyze", "History", "Models", "Metrics"}}
 ALL_TITLES = {"Analyze", "History", "Models", "Users", "Train", "Metrics", "Backup"}
 
 
@@ -25,7 +26,7 @@ def test_signed_out_every_page_url_shows_only_the_sign_in(server, page, path):
     headings = set(page.locator("h1").all_inner_texts())
     assert not (headings & ALL_TITLES), headings
     body = page.locator("body").inner_text()
-    for secret in ("Audit log", "Chest X-rays (PNG", "Model card", "Open analysis"):
+    for secret in ("Audit log", "Chest X-rays (PNG", "Model card", "Open analysis", "Start training"):
         assert secret not in body
     # the sidebar lists no page names while signed out
     assert not page.locator('[data-testid="stSidebarNav"], [data-testid="stPageLink"]').count()
@@ -41,6 +42,9 @@ def test_each_role_sees_its_pages_and_cannot_open_others_by_url(server, page, us
         sign_in(page, server, user, path="users")  # a URL visit starts a new session: sign in there
         body = page.locator("body").inner_text()
         assert "Audit log" not in body and "New user" not in body
+    if role == "radiologist":
+        sign_in(page, server, user, path="train")
+        assert "Start training" not in page.locator("body").inner_text()
 
 
 def test_radiologist_analyzes_real_xrays(server, e2e_home, page):

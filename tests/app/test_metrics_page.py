@@ -1,0 +1,57 @@
+"""The Metrics page through AppTest on a real evaluation: the numbers shown are those in eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medai import auth
+from medai.config import load_config
+from medai.store import Store
+from medai.training.trainer import train
+from tests.app.test_dashboard import PASSWORD, app, sign_in
+from tests.conftest import need, tiny_config
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    need("pneumoniamnist")
+    config = tiny_config(tmp_path, "pneumoniamnist", data={"labels": ["normal", "pneumonia"], "max_samples": 200},
+                         train={"epochs": 2})
+    return train(load_config(config))
+
+
+def test_metrics_page_shows_the_stored_evaluation(medai_home: Path, finished_run: Path):
+    auth.create_user(Store(), "rad1", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rad1").switch_page("pages/metrics.py").run()
+    at.multiselect(key="metrics_models").set_value([finished_run.name]).run()
+    assert not at.exception and not at.error
+    expected = json.loads((finished_run / "eval.json").read_text())["val"]
+    table = at.dataframe[0].value  # the per-class table comes first
+    shown = table.set_index("class")
+    for label in ("normal", "pneumonia"):
+        assert shown.loc[label, "auroc"] == pytest.approx(expected["per_class"][label]["auroc"])
+        assert shown.loc[label, "sensitivity"] == pytest.approx(expected["per_class"][label]["sensitivity"])
+        assert shown.loc[label, "support"] == expected["per_class"][label]["support"]
+    assert shown.loc["macro", "auroc"] == pytest.approx(expected["macro"]["auroc"])
+    assert len(at.get("plotly_chart")) >= 4  # ROC, PR, calibration, confusion
+    # the threshold explorer re-computes sensitivity/specificity at the chosen threshold
+    at.slider(key=f"thr_value_{finished_run.name}").set_value(0.0).run()
+    assert [m.value for m in at.metric if m.label == "sensitivity"] == ["1.000"]
+
+
+def test_comparing_two_models_on_the_same_data(medai_home: Path, finished_run: Path, tmp_path: Path):
+    need("pneumoniamnist")
+    (tmp_path / "b").mkdir()
+    other = train(load_config(tiny_config(tmp_path / "b", "pneumoniamnist",
+                                          data={"labels": ["normal", "pneumonia"], "max_samples": 200},
+                                          train={"epochs": 1, "seed": 1})))
+    auth.create_user(Store(), "res1", PASSWORD, "researcher")
+    at = sign_in(app().run(), "res1").switch_page("pages/metrics.py").run()
+    at.multiselect(key="metrics_models").set_value([finished_run.name, other.name]).run()
+    assert not at.exception and not at.error
+    comparison = at.dataframe[0].value  # the comparison table comes first
+    assert list(comparison["model"]) == [finished_run.name, other.name]
+    assert (comparison["images"] == 200).all()

@@ -1,0 +1,91 @@
+"""The Train page through AppTest: launch a real (tiny) run, watch it finish with curves, register it;
+cancel and resume from the page; radiologists are refused."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from medai import auth
+from medai.catalog import list_models
+from medai.store import Store
+from medai.training import jobs
+from tests.app.test_dashboard import PASSWORD, ROOT, app, sign_in
+from tests.conftest import need
+
+
+def train_page(role: str = "researcher") -> AppTest:
+    auth.create_user(Store(), "res1", PASSWORD, role)
+    at = sign_in(app().run(), "res1")
+    return at.switch_page("pages/train.py").run()
+
+
+def launch_tiny(at: AppTest, epochs: int) -> AppTest:
+    need("pneumoniamnist")
+    at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
+    key = "hybrid_pneumoniamnist"
+    at.number_input(key=f"size_{key}").set_value(32)
+    at.number_input(key=f"epochs_{key}").set_value(epochs)
+    at.text_input(key=f"name_{key}").set_value("ui-tiny")
+    return next(b for b in at.button if b.label == "Start training").click().run()
+
+
+def rerun_until(at: AppTest, state: str, timeout: float = 300) -> AppTest:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        shown = [m.value for m in at.metric if m.label == "state"]
+        if shown and shown[0] == state:
+            return at
+        time.sleep(1)
+    raise AssertionError(f"state {state} not shown; metrics: {[(m.label, m.value) for m in at.metric]}")
+
+
+def test_launch_watch_finish_and_register(medai_home: Path):
+    at = launch_tiny(train_page(), epochs=2)
+    assert not at.exception
+    assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
+    at = rerun_until(at, "finished")
+    assert not at.exception
+    assert at.get("plotly_chart"), "training curves are drawn"
+    assert [m.value for m in at.metric if m.label == "epoch"] == ["2/2"]
+    form_input = next(t for t in at.text_input if t.label == "Model name")
+    form_input.set_value("ui-tiny-model")
+    next(b for b in at.button if b.label == "Register as model").click().run()
+    assert any("Registered as ui-tiny-model" in s.value for s in at.success)
+    assert "ui-tiny-model" in [e.name for e in list_models()[0]]
+
+
+def test_cancel_and_resume_from_the_page(medai_home: Path):
+    at = launch_tiny(train_page(), epochs=30)
+    at = rerun_until(at, "running")
+    next(b for b in at.button if b.label == "Cancel").click().run()
+    at = rerun_until(at, "cancelled", timeout=120)
+    next(b for b in at.button if b.label == "Resume").click().run()
+    at = rerun_until(at, "running")
+    run_id = jobs.list_jobs()[0].run_id
+    jobs.cancel(run_id, "res1")  # leave nothing running behind the test
+    rerun_until(at, "cancelled", timeout=120)
+    actions = [e["action"] for e in Store().audit_log()]
+    assert {"training_launch", "training_cancel", "training_resume"} <= set(actions)
+
+
+def test_bad_values_are_refused_before_anything_starts(medai_home: Path):
+    at = train_page()
+    at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
+    at.text_input(key="lr_hybrid_pneumoniamnist").set_value("fast please")
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert any("Not started" in e.value and "lr" in e.value for e in at.error)
+    assert Store().runs() == []
+
+
+def test_radiologists_cannot_train(medai_home: Path):
+    auth.create_user(Store(), "rad1", PASSWORD, "radiologist")
+    direct = app("pages/train.py")
+    direct.session_state["medai_user"] = "rad1"
+    direct.session_state["medai_last_seen"] = time.time()
+    direct.run()
+    assert any("does not give access" in e.value for e in direct.error)
+    assert not any(b.label == "Start training" for b in direct.button)
