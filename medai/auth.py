@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import bcrypt
 
 from medai.errors import MedaiError
+from medai.paths import env_number
 from medai.store import Store, User
 
 ROLES = ("admin", "researcher", "radiologist")
@@ -53,16 +54,9 @@ class AuthPolicy:
 
     @classmethod
     def from_env(cls) -> AuthPolicy:
-        def number(name: str, default: float) -> float:
-            raw = os.environ.get(name)
-            try:
-                return float(raw) if raw else default
-            except ValueError:
-                raise MedaiError(f"{name} must be a number of minutes/attempts, got {raw!r}") from None
-
-        return cls(max_attempts=int(number("MEDAI_LOCKOUT_ATTEMPTS", 5)),
-                   lockout_s=60 * number("MEDAI_LOCKOUT_MINUTES", 15),
-                   idle_timeout_s=60 * number("MEDAI_IDLE_TIMEOUT_MINUTES", 30))
+        return cls(max_attempts=int(env_number("MEDAI_LOCKOUT_ATTEMPTS", 5)),
+                   lockout_s=60 * env_number("MEDAI_LOCKOUT_MINUTES", 15),
+                   idle_timeout_s=60 * env_number("MEDAI_IDLE_TIMEOUT_MINUTES", 30))
 
 
 def can_open(role: str, page: str) -> bool:

@@ -9,6 +9,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS_DIR = PROJECT_ROOT / "models"
 
 
+def env_number(name: str, default: float) -> float:
+    """A numeric setting from the environment (unset or empty: ``default``)."""
+    from medai.errors import ConfigError
+
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
 def medai_home() -> Path:
     """The installation's state folder (default: the project root)."""
     return Path(os.environ.get("MEDAI_HOME", PROJECT_ROOT)).expanduser().resolve()

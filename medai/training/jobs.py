@@ -24,7 +24,7 @@ from typing import Any
 from medai.atomic import atomic_path, write_json
 from medai.config import ExperimentConfig
 from medai.errors import ConfigError, MedaiError
-from medai.paths import PROJECT_ROOT, medai_home, resolve_data_path
+from medai.paths import PROJECT_ROOT, env_number, medai_home, resolve_data_path
 from medai.store import Store
 from medai.training.trainer import CANCEL_FILE, new_run_dir
 
@@ -34,21 +34,13 @@ PROCESS_LOG = "process.log"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-
-
 def runs_per_device() -> int:
-    return max(1, int(_number("MEDAI_RUNS_PER_DEVICE", 1)))
+    return max(1, int(env_number("MEDAI_RUNS_PER_DEVICE", 1)))
 
 
 def stale_after_s() -> float:
     """A heartbeat older than this (the trainer beats every 5 s) means the process may be gone."""
-    return _number("MEDAI_STALE_HEARTBEAT_S", 60.0)
+    return env_number("MEDAI_STALE_HEARTBEAT_S", 60.0)
 
 
 @dataclass

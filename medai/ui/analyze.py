@@ -12,14 +12,15 @@ from PIL import Image
 
 from medai.analysis import (DISCLAIMER, Analysis, analyze_bytes, chest_check, decide, report_pdf, result_dict,
                             window)
-from medai.catalog import ModelEntry, list_models
+from medai.catalog import ModelEntry
 from medai.errors import MedaiError
 from medai.explain.cam import CAM_METHODS, default_method
 from medai.explain.explainer import Explanation, explain
 from medai.explain.overlay import render_overlay, to_png
 from medai.inference import Predictor
 from medai.store import Store, User
-from medai.ui.widgets import cached_predictor, model_label, probability_chart, shares_chart
+from medai.ui.widgets import (available_models, cached_predictor, model_label, probability_chart,
+                              shares_chart)
 
 DEFAULT_MODEL = "pneumonia-hybrid"
 
@@ -177,11 +178,9 @@ def _downloads(result: dict[str, Any], shown: np.ndarray, overlay: np.ndarray, t
 def render_analyze(user: User) -> None:
     st.title("Analyze")
     st.caption(DISCLAIMER)
-    entries, problems = list_models()
-    for problem in problems:
-        st.warning(problem)
+    entries = available_models("No model is available. Train one on the Train page or with "
+                               "`python -m medai train`.")
     if not entries:
-        st.info("No model is available. Train one on the Train page or with `python -m medai train`.")
         return
     entry = _pick_model(entries)
     predictor = cached_predictor(entry)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from medai.catalog import ModelEntry, list_models
+from medai.catalog import ModelEntry
 from medai.config import DataConfig
 from medai.errors import MedaiError
 from medai.evaluation.calibration import reliability_bins
@@ -18,6 +17,7 @@ from medai.evaluation.runner import Evaluation, evaluate_checkpoint, stored_eval
 from medai.models.checkpoint import load_checkpoint
 from medai.store import User
 from medai.ui.train import datasets
+from medai.ui.widgets import available_models
 
 OWN_VALIDATION = "each model's own validation split"
 
@@ -117,11 +117,8 @@ def render_one(name: str, ev: Evaluation, labels: list[str], kind: str) -> None:
 
 def render_metrics(user: User) -> None:
     st.title("Metrics")
-    entries, problems = list_models()
-    for problem in problems:
-        st.warning(problem)
+    entries = available_models("No models yet: train one on the Train page.")
     if not entries:
-        st.info("No models yet.")
         return
     names = [e.name for e in entries]
     chosen = st.multiselect("Models", names, default=names[:1], key="metrics_models")

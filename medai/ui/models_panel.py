@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from medai.catalog import list_models
-from medai.ui.widgets import model_label
+from medai.ui.widgets import available_models, model_label
 
 
 def render_models_page() -> None:
     st.title("Models")
-    entries, problems = list_models()
-    for problem in problems:
-        st.warning(problem)
+    entries = available_models("No models yet. Train one with `python -m medai train --config "
+                               "configs/<recipe>.yaml`.")
     if not entries:
-        st.info("No models yet. Train one with `python -m medai train --config configs/<recipe>.yaml`.")
         return
     st.dataframe([e.row() for e in entries], hide_index=True)
     entry = st.selectbox("Model card", entries, format_func=model_label)

@@ -69,7 +69,8 @@ def render_users(admin: User) -> None:
     st.markdown("**Audit log**")
     action = st.selectbox("Action", ["all", "login_ok", "login_failed", "login_locked", "logout", "analysis",
                                      "access_denied", "user_created", "role_changed", "user_disabled",
-                                     "user_enabled", "password_reset", "setting_changed"])
+                                     "user_enabled", "password_reset", "setting_changed", "training_launch",
+                                     "training_cancel", "training_resume", "model_registered"])
     log = db.audit_log(500, None if action == "all" else action)
     st.dataframe([{"time": _when(e["ts"]), "user": e["username"], "action": e["action"],
                    "detail": str(e["detail"])} for e in log], hide_index=True)

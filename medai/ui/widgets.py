@@ -7,7 +7,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from medai.catalog import ModelEntry
+from medai.catalog import ModelEntry, list_models
 from medai.inference import Predictor
 
 
@@ -24,6 +24,16 @@ def cached_predictor(entry: ModelEntry) -> Predictor:
     """
     stat = Path(entry.path).stat()
     return _predictor(str(entry.path), stat.st_mtime_ns, stat.st_size)
+
+
+def available_models(empty_hint: str) -> list[ModelEntry]:
+    """The catalogue's models; unreadable checkpoints are shown as warnings, an empty list as a hint."""
+    entries, problems = list_models()
+    for problem in problems:
+        st.warning(problem)
+    if not entries:
+        st.info(empty_hint)
+    return entries
 
 
 def model_label(entry: ModelEntry) -> str:
