@@ -59,6 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list architectures and shipped checkpoints")
     cli_users.add_parser(sub)
 
+    b = sub.add_parser("backup", help="create, list, verify, prune and restore backups (admin)")
+    bsub = b.add_subparsers(dest="backup_command", required=True)
+    bc = bsub.add_parser("create", help="archive models/, configs/, results/ and the database")
+    bc.add_argument("--label", default="")
+    bc.add_argument("--include-large", action="store_true", help="also resume states (last.pt) and caches")
+    bc.add_argument("--prune", action="store_true", help="then apply --keep-last/--max-age-days (for cron)")
+    bc.add_argument("--keep-last", type=int, default=7)
+    bc.add_argument("--max-age-days", type=float)
+    bsub.add_parser("list", help="archives, newest first")
+    for name in ("verify", "restore", "delete"):
+        bsub.add_parser(name, help=f"{name} an archive").add_argument("name")
+    bp = bsub.add_parser("prune", help="delete archives that no retention rule keeps")
+    bp.add_argument("--keep-last", type=int)
+    bp.add_argument("--max-age-days", type=float)
+    sub.add_parser("doctor", help="versions, device, disk, store, checkpoints and data: is all well?")
+
     sh = sub.add_parser("ship", help="turn a finished run into a shipped model (fp16 + card + models/NAME.md)")
     sh.add_argument("run", help="run id or folder")
     sh.add_argument("--name", required=True, help="model name, e.g. pneumonia-hybrid")
@@ -244,9 +260,53 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from medai import backup
+    from medai.store import Store
+
+    command, actor = args.backup_command, "cli"
+    if command == "create":
+        path = backup.create(actor, args.label, args.include_large)
+        Store().audit(actor, "backup_created", name=path.name)
+        print(f"created {path} ({path.stat().st_size / 2**20:.1f} MB, verified)")
+        if args.prune:
+            for removed in backup.prune(args.keep_last, args.max_age_days):
+                print(f"pruned {removed.name}")
+    elif command == "list":
+        for info in backup.list_backups():
+            print(f"{info.name}  {info.size / 2**20:8.1f} MB  {info.files:5d} files  {info.created_at}  "
+                  f"by {info.creator}")
+    elif command == "verify":
+        manifest = backup.verify(backup.resolve(args.name))
+        Store().audit(actor, "backup_verified", name=args.name)
+        print(f"{args.name}: OK, {len(manifest['files'])} files match their SHA-256")
+    elif command == "restore":
+        safety = backup.restore(args.name, actor)
+        Store().audit(actor, "backup_restored", name=args.name, pre_restore=safety.name)
+        print(f"restored {args.name}; the previous state is in {safety.name}")
+    elif command == "delete":
+        backup.delete(args.name)
+        Store().audit(actor, "backup_deleted", name=args.name)
+        print(f"deleted {args.name}")
+    elif command == "prune":
+        removed = backup.prune(args.keep_last, args.max_age_days)
+        Store().audit(actor, "backup_pruned", names=[p.name for p in removed])
+        print(f"pruned {len(removed)} archives")
+    return 0
+
+
+def cmd_doctor(_args: argparse.Namespace) -> int:
+    from medai.doctor import run_checks
+
+    checks = run_checks()
+    for check in checks:
+        print(f"{'ok ' if check.ok else 'BAD'}  {check.name:<28} {check.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "models": cmd_models, "users": cli_users.run,
-            "ship": cmd_ship}
+            "ship": cmd_ship, "backup": cmd_backup, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

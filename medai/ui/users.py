@@ -70,7 +70,9 @@ def render_users(admin: User) -> None:
     action = st.selectbox("Action", ["all", "login_ok", "login_failed", "login_locked", "logout", "analysis",
                                      "access_denied", "user_created", "role_changed", "user_disabled",
                                      "user_enabled", "password_reset", "setting_changed", "training_launch",
-                                     "training_cancel", "training_resume", "model_registered"])
+                                     "training_cancel", "training_resume", "model_registered", "backup_created",
+                                     "backup_verified", "backup_verify_failed", "backup_restored",
+                                     "backup_deleted", "backup_pruned"])
     log = db.audit_log(500, None if action == "all" else action)
     st.dataframe([{"time": _when(e["ts"]), "user": e["username"], "action": e["action"],
                    "detail": str(e["detail"])} for e in log], hide_index=True)

@@ -13,7 +13,7 @@ from tests.e2e.conftest import USERS, shot, sign_in
 pytestmark = pytest.mark.e2e
 
 PAGE_URLS = ["", "analyze", "history", "models", "users", "train", "metrics", "backup", "login"]
-NAV = {"admin": {"Analyze", "History", "Models", "Train", "Metrics", "Users"},
+NAV = {"admin": {"Analyze", "History", "Models", "Train", "Metrics", "Backup", "Users"},
        "researcher": {"Analyze", "History", "Models", "Train", "Metrics"},
        "radiologist": {"Analyze", "History", "Models", "Metrics"}}
 ALL_TITLES = {"Analyze", "History", "Models", "Users", "Train", "Metrics", "Backup"}
@@ -42,6 +42,8 @@ def test_each_role_sees_its_pages_and_cannot_open_others_by_url(server, page, us
         sign_in(page, server, user, path="users")  # a URL visit starts a new session: sign in there
         body = page.locator("body").inner_text()
         assert "Audit log" not in body and "New user" not in body
+        sign_in(page, server, user, path="backup")
+        assert "Create backup" not in page.locator("body").inner_text()
     if role == "radiologist":
         sign_in(page, server, user, path="train")
         assert "Start training" not in page.locator("body").inner_text()
@@ -64,3 +66,28 @@ def test_radiologist_analyzes_real_xrays(server, e2e_home, page):
     history = Store(e2e_home / "data" / "medai.db").history(username="rad1")
     assert {e.file_name for e in history} == {jpeg.name, dicom.name}
     assert all(e.result["model"]["name"] == "pneumonia-hybrid" for e in history)
+
+
+def test_researcher_trains_a_tiny_model_and_sees_curves_then_metrics(server, page):
+    need("pneumoniamnist")
+    sign_in(page, server, "res1")
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.locator('[data-testid="stPageLink"]', has_text="Train").click()
+    page.get_by_role("heading", name="Train").wait_for()
+    sidebar.get_by_label("Recipe (defaults)").click()
+    page.get_by_role("option", name="hybrid_pneumoniamnist").click()
+    sidebar.get_by_label("Run name").fill("e2e-tiny")
+    sidebar.get_by_label("Image size (px)").fill("32")
+    sidebar.get_by_label("Epochs", exact=True).fill("2")
+    sidebar.get_by_role("button", name="Start training").click()
+    page.get_by_text("Started e2e-tiny").wait_for()
+    page.locator('[data-testid="stMetricValue"]', has_text="finished").wait_for(timeout=240_000)
+    page.locator(".js-plotly-plot").first.wait_for()
+    shot(page, "train")
+    page.get_by_label("Model name").fill("e2e-tiny-model")
+    page.get_by_role("button", name="Register as model").click()
+    page.get_by_text("Registered as e2e-tiny-model").wait_for()
+    sidebar.locator('[data-testid="stPageLink"]', has_text="Metrics").click()
+    page.get_by_role("heading", name="Metrics").wait_for()
+    page.get_by_text("ROC", exact=True).first.wait_for(timeout=120_000)
+    shot(page, "metrics")

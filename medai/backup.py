@@ -1,0 +1,325 @@
+"""Backups an admin can trust: create, list, verify, prune and restore.
+
+An archive (``$MEDAI_HOME/backups/medai-backup-<stamp>[-label].tar.gz``) holds ``models/``, ``configs/``,
+``results/`` (without resume states and decode caches unless asked) and ``store/medai.db`` (a consistent
+copy taken with SQLite's online backup API while the app runs), plus ``manifest.json`` listing every
+member with its size and SHA-256. It is written under a hidden ``.partial`` name, verified, and only then
+renamed, so an interrupted create never leaves an archive that is listed or verifies.
+
+Restore verifies first, refuses unsafe members (absolute paths, ``..``, links, devices, anything not in the
+manifest), takes a pre-restore backup, extracts into a staging folder, checks the database's integrity,
+then swaps each folder in with renames (rolled back if any step fails) and copies the database in with the
+online backup API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import medai
+from medai.errors import MedaiError
+from medai.paths import medai_home
+from medai.store import MIGRATIONS, Store
+
+FOLDERS = ("models", "configs", "results")
+DB_MEMBER = "store/medai.db"
+MANIFEST = "manifest.json"
+NAME_RE = re.compile(r"^medai-backup-\d{8}-\d{6}(-[a-z0-9-]+)?\.tar\.gz$")
+LARGE_RUN_FILES = ("last.pt",)  # resume states: large, and not needed to use or compare models
+Progress = Callable[[float, str], None]
+
+
+class BackupError(MedaiError):
+    """A backup cannot be created, verified or restored; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    path: Path
+    size: int
+    created_at: str
+    creator: str
+    files: int
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def backups_dir() -> Path:
+    return medai_home() / "backups"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _collect(include_large: bool) -> list[tuple[str, Path]]:
+    home = medai_home()
+    members = []
+    for folder in FOLDERS:
+        root = home / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            if not include_large and (path.name in LARGE_RUN_FILES or "cache" in path.relative_to(home).parts):
+                continue
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                continue  # someone else's atomic write in progress
+            members.append((path.relative_to(home).as_posix(), path))
+    return members
+
+
+def _snapshot_db(target: Path) -> None:
+    """A consistent copy of the live store (SQLite online backup: safe while others write)."""
+    store = Store()
+    store.schema_version()  # creates/migrates it if needed
+    src = sqlite3.connect(store.path)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+def create(creator: str, label: str = "", include_large: bool = False, progress: Progress | None = None) -> Path:
+    """Write and verify a new archive; returns its path. Nothing is listed unless it is complete."""
+    progress = progress or (lambda _f, _m: None)
+    out_dir = backups_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    label = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")
+    final = out_dir / f"medai-backup-{stamp}{'-' + label if label else ''}.tar.gz"
+    if final.exists():
+        raise BackupError(f"{final.name} already exists; wait a second and try again")
+    partial = out_dir / f".{final.name}.partial"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".snapshot-") as tmp:
+        db_copy = Path(tmp) / "medai.db"
+        try:
+            progress(0.0, "copying the database")
+            _snapshot_db(db_copy)
+            members = [*_collect(include_large), (DB_MEMBER, db_copy)]
+            entries = []
+            with tarfile.open(partial, "w:gz", compresslevel=6) as tar:
+                for i, (name, path) in enumerate(members):
+                    progress(0.05 + 0.8 * i / max(len(members), 1), f"adding {name}")
+                    entries.append({"path": name, "size": path.stat().st_size, "sha256": _sha256(path)})
+                    tar.add(path, arcname=name, recursive=False)
+                manifest = {"format": "medai-backup/1", "app_version": medai.__version__,
+                            "schema_version": len(MIGRATIONS), "created_at": dt.datetime.now(
+                                dt.timezone.utc).isoformat(timespec="seconds"), "creator": creator,
+                            "label": label, "include_large": include_large, "files": entries}
+                data = json.dumps(manifest, indent=1).encode()
+                info = tarfile.TarInfo(MANIFEST)
+                info.size, info.mtime = len(data), int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+            with open(partial, "rb") as fh:
+                os.fsync(fh.fileno())
+            progress(0.9, "verifying")
+            verify(partial)
+            os.replace(partial, final)
+        except BaseException as exc:
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise BackupError(f"backup failed and was removed: {exc.strerror or exc}") from None
+            raise
+    progress(1.0, "done")
+    return final
+
+
+def _safe_name(name: str) -> bool:
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and not name.startswith("/") \
+        and "\\" not in name
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            member = tar.getmember(MANIFEST)
+            return json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (OSError, tarfile.TarError, KeyError, ValueError, EOFError) as exc:
+        raise BackupError(f"{path.name}: not a readable MedAI backup ({exc})") from None
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Re-hash every member against the manifest; refuse unexpected, unsafe or missing members."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    expected = {e["path"]: e for e in manifest.get("files", [])}
+    seen = set()
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                if member.name == MANIFEST:
+                    continue
+                if not _safe_name(member.name):
+                    raise BackupError(f"{path.name}: unsafe member path {member.name!r}")
+                if not member.isreg():
+                    raise BackupError(f"{path.name}: member {member.name!r} is not a regular file (links and "
+                                      "devices are refused)")
+                entry = expected.get(member.name)
+                if entry is None:
+                    raise BackupError(f"{path.name}: member {member.name!r} is not in the manifest")
+                h = hashlib.sha256()
+                fh = tar.extractfile(member)
+                for chunk in iter(lambda: fh.read(1 << 20), b""):  # type: ignore[union-attr]
+                    h.update(chunk)
+                if h.hexdigest() != entry["sha256"] or member.size != entry["size"]:
+                    raise BackupError(f"{path.name}: {member.name} does not match its checksum (damaged)")
+                seen.add(member.name)
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+        raise BackupError(f"{path.name}: the archive is damaged ({exc})") from None
+    missing = set(expected) - seen
+    if missing:
+        raise BackupError(f"{path.name}: {len(missing)} files of the manifest are missing, e.g. {sorted(missing)[0]}")
+    return manifest
+
+
+def list_backups() -> list[BackupInfo]:
+    """Complete archives only (hidden partial files never appear), newest first."""
+    out = []
+    folder = backups_dir()
+    for path in sorted(folder.glob("medai-backup-*.tar.gz"), reverse=True) if folder.is_dir() else []:
+        if not NAME_RE.match(path.name):
+            continue
+        try:
+            m = read_manifest(path)
+        except BackupError:
+            out.append(BackupInfo(path, path.stat().st_size, "?", "?", 0, "unreadable"))
+            continue
+        out.append(BackupInfo(path, path.stat().st_size, m.get("created_at", "?"), m.get("creator", "?"),
+                              len(m.get("files", [])), m.get("label", "")))
+    return out
+
+
+def resolve(name: str | Path) -> Path:
+    path = Path(name)
+    if not path.is_absolute():
+        path = backups_dir() / path
+    if not NAME_RE.match(path.name) or not path.is_file():
+        raise BackupError(f"no backup named {Path(name).name} in {backups_dir()}")
+    return path
+
+
+def delete(name: str | Path) -> None:
+    resolve(name).unlink()
+
+
+def prune(keep_last: int | None = None, max_age_days: float | None = None) -> list[Path]:
+    """Delete archives that no rule keeps: a rule keeps the newest ``keep_last`` and/or those newer than
+    ``max_age_days``. Returns the deleted paths."""
+    if keep_last is None and max_age_days is None:
+        raise BackupError("prune needs keep_last and/or max_age_days")
+    removed = []
+    for i, info in enumerate(list_backups()):
+        kept_by_count = keep_last is not None and i < keep_last
+        kept_by_age = max_age_days is not None and time.time() - info.path.stat().st_mtime <= max_age_days * 86400
+        if not (kept_by_count or kept_by_age):
+            info.path.unlink()
+            removed.append(info.path)
+    return removed
+
+
+def _extract(path: Path, manifest: dict[str, Any], staging: Path) -> None:
+    """Write the verified members under ``staging`` only (names were checked by :func:`verify`)."""
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            if member.name == MANIFEST:
+                continue
+            target = (staging / member.name).resolve()
+            if staging.resolve() not in target.parents:
+                raise BackupError(f"member {member.name!r} would land outside the staging folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
+                shutil.copyfileobj(src, dst)
+
+
+def _check_db(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise BackupError(f"the backup's database is unreadable ({exc})") from None
+    finally:
+        conn.close()
+    if result != "ok":
+        raise BackupError(f"the backup's database fails its integrity check: {result}")
+    if version > len(MIGRATIONS):
+        raise BackupError(f"the backup's database has schema {version}, newer than this MedAI; upgrade first")
+
+
+def _swap_folders(staging: Path, home: Path) -> None:
+    """Rename each restored folder into place; on any error put every original back."""
+    old = home / f".restore-old-{os.getpid()}-{int(time.time())}"
+    old.mkdir()
+    moved: list[str] = []
+    try:
+        for folder in FOLDERS:
+            if (home / folder).exists():
+                os.replace(home / folder, old / folder)
+            moved.append(folder)
+            if (staging / folder).exists():
+                os.replace(staging / folder, home / folder)
+            else:
+                (home / folder).mkdir()
+    except BaseException:
+        for folder in moved:
+            if (home / folder).exists():
+                shutil.rmtree(home / folder)
+            if (old / folder).exists():
+                os.replace(old / folder, home / folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(name: str | Path, actor: str, progress: Progress | None = None) -> Path:
+    """Restore an archive; returns the automatic pre-restore backup taken first."""
+    progress = progress or (lambda _f, _m: None)
+    path = resolve(name)
+    progress(0.0, "verifying the archive")
+    manifest = verify(path)
+    progress(0.2, "taking a pre-restore backup")
+    safety = create(actor, label="pre-restore")
+    home = medai_home()
+    with tempfile.TemporaryDirectory(dir=home, prefix=".restore-staging-") as tmp:
+        staging = Path(tmp)
+        progress(0.5, "extracting into a staging folder")
+        _extract(path, manifest, staging)
+        db = staging / DB_MEMBER
+        if not db.is_file():
+            raise BackupError(f"{path.name} holds no database")
+        _check_db(db)
+        progress(0.8, "swapping in the restored files")
+        _swap_folders(staging, home)
+        src, dst = sqlite3.connect(db), sqlite3.connect(Store().path)
+        try:
+            src.backup(dst)  # the live database is replaced page by page, safely for open connections
+        finally:
+            dst.close()
+            src.close()
+    progress(1.0, "done")
+    return safety

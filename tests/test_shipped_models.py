@@ -1,0 +1,64 @@
+"""Every checkpoint shipped in models/: complete card, rendered Markdown, small, and it works on real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medai.inference import Predictor
+from medai.models.checkpoint import read_card
+from tests.conftest import ROOT, need
+
+SHIPPED = sorted((ROOT / "models").glob("*.safetensors"))
+# a few real images per model: (data folder, glob) -> used only to check the model runs on its own kind of data
+SAMPLES = {"pneumonia": "kermany-pneumonia/val", "brain-mri": "brain-tumor-mri", "nih14": "nih-cxr14-sample/images"}
+
+
+def test_models_are_shipped_and_small():
+    names = {p.stem for p in SHIPPED}
+    assert "pneumonia-hybrid" in names, "the Analyze page's default model must ship"
+    assert sum(p.stat().st_size for p in SHIPPED) < 100 * 2**20
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_card_is_complete_and_rendered(path: Path):
+    card = read_card(path)
+    mc = card["model_card"]
+    assert card["labels"] and card["thresholds"].keys() == set(card["labels"])
+    val = card["metrics"]["val"]
+    assert val["macro"]["auroc"] is not None and all(c["auroc_ci95"] for c in val["per_class"].values()
+                                                      if c["auroc"] is not None)
+    assert {"ece_before", "ece_after", "temperature"} <= set(val["calibration"])
+    assert mc["data"]["licence"] and mc["data"]["summary"]["patient_disjoint"]
+    assert mc["training"]["time_s"] > 0 and mc["training"]["hardware"]
+    assert "not for diagnosis" in mc["intended_use"] and mc["limitations"]
+    md = path.with_suffix(".md").read_text()
+    assert f"# Model card: {path.stem}" in md and "## Known limitations" in md
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_loads_from_its_card_alone_and_predicts_real_images(path: Path):
+    folder = need(next(v for k, v in SAMPLES.items() if path.stem.startswith(k)))
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[::50][:6]
+    predictor = Predictor(path)
+    predictions = predictor.predict_many(images)
+    for pred in predictions:
+        assert len(pred.probabilities) == len(predictor.labels)
+        assert all(0.0 <= p <= 1.0 for p in pred.probabilities)
+    if predictor.kind == "multiclass":
+        assert all(abs(sum(p.probabilities) - 1) < 1e-4 for p in predictions)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.startswith("pneumonia")],
+                         ids=lambda p: p.stem)
+def test_pneumonia_models_separate_real_val_images(path: Path):
+    val = need("kermany-pneumonia/val")
+    normal = sorted((val / "NORMAL").glob("*.jpeg"))[::19][:8]
+    pneumonia = sorted((val / "PNEUMONIA").glob("*.jpeg"))[::53][:8]
+    predictor = Predictor(path)
+    column = predictor.labels.index("PNEUMONIA")
+    probs = [p.probabilities[column] for p in predictor.predict_many(normal + pneumonia)]
+    assert roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(pneumonia))], probs) >= 0.9
