@@ -109,7 +109,7 @@ def render_one(name: str, ev: Evaluation, labels: list[str], kind: str) -> None:
         cm = multiclass_confusion(y, ev.probs)
         right.plotly_chart(go.Figure(go.Heatmap(z=cm, x=labels, y=labels, text=cm, texttemplate="%{text}",
                                                 colorscale="Blues")).update_layout(
-            title="Confusion (rows: true, columns: predicted)", height=420), key=f"cm_{name}")
+            title="Confusion at arg-max (rows: true, columns: predicted)", height=420), key=f"cm_{name}")
     with right if kind != "multiclass" else st.container():
         st.markdown("**Threshold explorer**")
         _threshold_explorer(ev, labels, name)

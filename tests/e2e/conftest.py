@@ -83,6 +83,20 @@ def server(e2e_home: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        _stop_jobs(home)
+
+
+def _stop_jobs(home: Path) -> None:
+    """Training jobs are their own processes (they outlive the dashboard on purpose): stop the suite's."""
+    import signal
+
+    from medai.store import Store
+
+    for run in Store(home / "data" / "medai.db").runs(("running",)):
+        try:
+            os.kill(run["pid"], signal.SIGTERM)
+        except (ProcessLookupError, TypeError):
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from medai.store import Store
 from tests.conftest import need
@@ -73,12 +74,15 @@ def test_researcher_trains_a_tiny_model_and_sees_curves_then_metrics(server, pag
     sign_in(page, server, "res1")
     sidebar = page.locator('[data-testid="stSidebar"]')
     sidebar.locator('[data-testid="stPageLink"]', has_text="Train").click()
-    page.get_by_role("heading", name="Train").wait_for()
+    page.get_by_role("heading", name="Train", exact=True).wait_for()
     sidebar.get_by_label("Recipe (defaults)").click()
     page.get_by_role("option", name="hybrid_pneumoniamnist").click()
-    sidebar.get_by_label("Run name").fill("e2e-tiny")
-    sidebar.get_by_label("Image size (px)").fill("32")
-    sidebar.get_by_label("Epochs", exact=True).fill("2")
+    sidebar.locator('input[aria-label="Run name"][value="hybrid-pneumoniamnist"]').wait_for()  # its defaults
+    expect(sidebar.get_by_label("Run name", exact=True)).to_have_count(1)  # the old recipe's form is gone
+    for label, value in (("Run name", "e2e-tiny"), ("Image size (px)", "32"), ("Epochs", "2")):
+        field = sidebar.get_by_label(label, exact=True)
+        field.fill(value)
+        field.press("Tab")
     sidebar.get_by_role("button", name="Start training").click()
     page.get_by_text("Started e2e-tiny").wait_for()
     page.locator('[data-testid="stMetricValue"]', has_text="finished").wait_for(timeout=240_000)
@@ -88,6 +92,6 @@ def test_researcher_trains_a_tiny_model_and_sees_curves_then_metrics(server, pag
     page.get_by_role("button", name="Register as model").click()
     page.get_by_text("Registered as e2e-tiny-model").wait_for()
     sidebar.locator('[data-testid="stPageLink"]', has_text="Metrics").click()
-    page.get_by_role("heading", name="Metrics").wait_for()
+    page.get_by_role("heading", name="Metrics", exact=True).wait_for()
     page.get_by_text("ROC", exact=True).first.wait_for(timeout=120_000)
     shot(page, "metrics")
