@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from medai.store import Store
 from tests.conftest import need
-from tests.e2e.conftest import USERS, shot, sign_in
+from tests.e2e.conftest import PASSWORD, USERS, shot, sign_in
 
 pytestmark = pytest.mark.e2e
 
@@ -95,3 +95,30 @@ def test_researcher_trains_a_tiny_model_and_sees_curves_then_metrics(server, pag
     page.get_by_role("heading", name="Metrics", exact=True).wait_for()
     page.get_by_text("ROC", exact=True).first.wait_for(timeout=120_000)
     shot(page, "metrics")
+
+
+def test_admin_creates_a_radiologist_who_can_sign_in(server, browser, page):
+    sign_in(page, server, "admin1")
+    page.locator('[data-testid="stSidebar"] [data-testid="stPageLink"]', has_text="Users").click()
+    page.get_by_role("heading", name="Users", exact=True).wait_for()
+    form = page.locator('[data-testid="stForm"]').first
+    form.get_by_label("Username").fill("rad2")
+    form.get_by_label("Initial password").fill(PASSWORD)
+    form.get_by_label("Initial password").press("Tab")
+    form.get_by_role("button", name="Create user").click()
+    page.get_by_text("Done.").wait_for()
+    other = browser.new_context().new_page()
+    sign_in(other, server, "rad2")
+    assert "Signed in as rad2" in other.locator("body").inner_text()
+    other.context.close()
+
+
+def test_admin_creates_and_verifies_a_backup(server, page):
+    sign_in(page, server, "admin1")
+    page.locator('[data-testid="stSidebar"] [data-testid="stPageLink"]', has_text="Backup").click()
+    page.get_by_role("heading", name="Backup", exact=True).wait_for()
+    page.get_by_role("button", name="Create backup").click()
+    page.get_by_text("Created and verified").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Verify").click()
+    page.get_by_text("files match their SHA-256").wait_for()
+    shot(page, "backup")
