@@ -49,6 +49,12 @@ def current_user() -> User | None:
     return user
 
 
+def session_expired() -> bool:
+    """For auto-refreshing fragments: signed out or idle too long, without counting as activity."""
+    idle = time.time() - st.session_state.get(SEEN_KEY, 0.0)
+    return not st.session_state.get(USER_KEY) or idle > auth.AuthPolicy.from_env().idle_timeout_s
+
+
 def sign_out() -> None:
     for key in list(st.session_state.keys()):
         del st.session_state[key]

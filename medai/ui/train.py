@@ -15,6 +15,7 @@ from medai.paths import PROJECT_ROOT, data_dir, medai_home
 from medai.store import User
 from medai.training import jobs
 from medai.training.callbacks import read_progress
+from medai.ui.session import session_expired
 
 REFRESH_S = 2.0
 
@@ -156,6 +157,8 @@ def _controls(job: jobs.Job, user: User) -> None:
 
 @st.fragment(run_every=REFRESH_S)
 def _run_panel(run_id: str, user: User) -> None:
+    if session_expired():  # the timer keeps running; the idle timeout must still apply
+        st.rerun(scope="app")
     jobs.refresh()
     job = jobs.get_job(run_id)
     status = job.status
