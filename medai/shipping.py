@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def _training_facts(run_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": run_dir.name, "epochs_run": len(epochs), "best_epoch": status.get("best_epoch"),
             "time_s": round(sum(r.get("epoch_time_s", 0.0) for r in epochs), 1),
             "images_per_s": round(float(np.median([r["images_per_s"] for r in epochs])), 1) if epochs else None,
-            "hardware": card.get("training", {}).get("hardware"),
+            "hardware": card.get("training", {}).get("hardware")  # set by a run's final evaluation; else:
+            or f"{platform.processor() or platform.machine()} / {status.get('device')} / {status.get('precision')}",
             "curve": [{"epoch": r["epoch"], "train_loss": round(r["train_loss"], 4),
                        "val_auroc": round(r["val_auroc"], 4)} for r in epochs]}
 
