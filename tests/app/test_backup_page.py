@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from medai import auth, backup
 from medai.store import Store
-from tests.app.test_dashboard import PASSWORD, app, sign_in
+from tests.app.test_dashboard import PASSWORD, app, page_as, sign_in
 
 
 def test_researcher_cannot_reach_the_backup_page(medai_home: Path):
     auth.create_user(Store(), "res1", PASSWORD, "researcher")
     at = sign_in(app().run(), "res1")
-    direct = app("pages/backup.py")
-    direct.session_state["medai_user"] = "res1"
-    direct.session_state["medai_last_seen"] = time.time()
-    direct.run()
+    direct = page_as("backup.py", "res1")
     assert any("does not give access" in e.value for e in direct.error)
     assert not any(b.label == "Create backup" for b in direct.button)
     assert not at.exception

@@ -30,6 +30,14 @@ def sign_in(at: AppTest, username: str, password: str = PASSWORD) -> AppTest:
     return at.button[0].click().run()
 
 
+def page_as(file: str, username: str) -> AppTest:
+    """A page file run on its own (as Streamlit serves /<page>) in a session signed in as ``username``."""
+    direct = app(f"pages/{file}")
+    direct.session_state["medai_user"] = username
+    direct.session_state["medai_last_seen"] = time.time()
+    return direct.run()
+
+
 def nav_pages(at: AppTest) -> set[str]:
     """The pages the last run's st.navigation offered (by file name)."""
     return {Path(info["script_path"]).stem for info in at._registered_pages.values()}
@@ -79,11 +87,7 @@ def test_each_role_sees_exactly_its_pages(medai_home: Path, role: str):
     existing = {key for key, file in PAGE_FILES.items() if (ROOT / "pages" / file).is_file()}
     assert nav_pages(at) == {p for p in existing if auth.can_open(role, p)}
     for page, file in PAGE_FILES.items():
-        # A page file run on its own (as Streamlit serves /<page>) with this session's user
-        direct = app(f"pages/{file}")
-        direct.session_state["medai_user"] = "user1"
-        direct.session_state["medai_last_seen"] = time.time()
-        direct.run()
+        direct = page_as(file, "user1")
         assert not direct.exception
         refused = any("does not give access" in e.value for e in direct.error)
         assert refused == (not auth.can_open(role, page)), (role, page)

@@ -12,7 +12,7 @@ from medai import auth
 from medai.catalog import list_models
 from medai.store import Store
 from medai.training import jobs
-from tests.app.test_dashboard import PASSWORD, ROOT, app, sign_in
+from tests.app.test_dashboard import PASSWORD, ROOT, app, page_as, sign_in
 from tests.conftest import need
 
 
@@ -83,9 +83,6 @@ def test_bad_values_are_refused_before_anything_starts(medai_home: Path):
 
 def test_radiologists_cannot_train(medai_home: Path):
     auth.create_user(Store(), "rad1", PASSWORD, "radiologist")
-    direct = app("pages/train.py")
-    direct.session_state["medai_user"] = "rad1"
-    direct.session_state["medai_last_seen"] = time.time()
-    direct.run()
+    direct = page_as("train.py", "rad1")
     assert any("does not give access" in e.value for e in direct.error)
     assert not any(b.label == "Start training" for b in direct.button)
