@@ -91,12 +91,12 @@ def result_dict(analysis: Analysis, thresholds: dict[str, float], card: dict[str
                 explanation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full, JSON-serialisable result of one analysis (no pixels, no patient tags)."""
     meta = {k: v for k, v in analysis.image.meta.to_dict().items() if k != "extra"}
+    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
     return {
         "file": analysis.file_name, "image_sha256": analysis.image_sha256, "image": meta,
         "model": {"name": analysis.model_name, "sha256": analysis.model_sha256, **card_summary(card)},
-        "findings": [r["finding"] for r in decide(analysis.labels, analysis.prediction.probabilities, thresholds)
-                     if r["positive"]],
-        "results": decide(analysis.labels, analysis.prediction.probabilities, thresholds),
+        "findings": [r["finding"] for r in rows if r["positive"]],
+        "results": rows,
         "explanation": explanation, "disclaimer": DISCLAIMER,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
