@@ -6,6 +6,7 @@ go to ``results/e2e/`` (git-ignored; CI keeps them as artefacts) unless ``MEDAI_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -58,14 +59,11 @@ def e2e_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("e2e-home")
 
 
-@pytest.fixture(scope="session")
-def server(e2e_home: Path) -> Iterator[str]:
-    """URL of a dashboard with one user per role already created."""
-    home = e2e_home
+@contextlib.contextmanager
+def dashboard(home: Path) -> Iterator[str]:
+    """``streamlit run dashboard.py`` on a free loopback port with ``home`` as MEDAI_HOME; yields its URL."""
     env = {**os.environ, "MEDAI_HOME": str(home), "PYTHONWARNINGS": "ignore"}
     env.pop("MEDAI_ADMIN_PASSWORD", None)
-    for user, role in USERS.items():
-        _medai(env, "users", "add", user, "--role", role, "--password-stdin", stdin=PASSWORD + "\n")
     port = _free_port()
     log = open(home / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.port", str(port),
@@ -84,6 +82,23 @@ def server(e2e_home: Path) -> Iterator[str]:
             proc.kill()
         log.close()
         _stop_jobs(home)
+
+
+@pytest.fixture(scope="session")
+def server(e2e_home: Path) -> Iterator[str]:
+    """URL of a dashboard with one user per role already created."""
+    env = {**os.environ, "MEDAI_HOME": str(e2e_home), "PYTHONWARNINGS": "ignore"}
+    for user, role in USERS.items():
+        _medai(env, "users", "add", user, "--role", role, "--password-stdin", stdin=PASSWORD + "\n")
+    with dashboard(e2e_home) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[str]:
+    """URL of a dashboard over an empty home: no user exists yet (first run)."""
+    with dashboard(tmp_path) as url:
+        yield url
 
 
 def _stop_jobs(home: Path) -> None:
@@ -138,7 +153,18 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
             page.get_by_role("dialog").wait_for(state="hidden")
         except PlaywrightTimeout:
             pass
-    page.get_by_label("Username").fill(user)
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    fill_sign_in(page, user, PASSWORD)
     page.get_by_text(f"Signed in as {user}").wait_for()
+
+
+def fill_sign_in(page, user: str, password: str) -> None:
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def settle(page) -> None:
+    """Wait until no script run is in progress (the app root's ``data-test-script-state``). Call it after
+    waiting for something the run started by the last interaction shows: right after a click the new run
+    may not have begun yet."""
+    page.locator('[data-testid="stApp"]:not([data-test-script-state="running"])').wait_for(timeout=120_000)

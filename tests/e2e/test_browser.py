@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
+from medai.auth import LOGIN_FAILED
 from medai.store import Store
 from tests.conftest import need
-from tests.e2e.conftest import PASSWORD, USERS, shot, sign_in
+from tests.e2e.conftest import PASSWORD, USERS, fill_sign_in, settle, shot, sign_in
 
 pytestmark = pytest.mark.e2e
 
@@ -18,6 +20,38 @@ NAV = {"admin": {"Analyze", "History", "Models", "Train", "Metrics", "Backup", "
        "researcher": {"Analyze", "History", "Models", "Train", "Metrics"},
        "radiologist": {"Analyze", "History", "Models", "Metrics"}}
 ALL_TITLES = {"Analyze", "History", "Models", "Users", "Train", "Metrics", "Backup"}
+
+
+def test_first_run_creates_the_admin_who_then_signs_in(fresh_server, page):
+    page.goto(fresh_server)
+    page.get_by_text("Set up MedAI CXR").wait_for()
+    assert not page.get_by_role("button", name="Sign in").count()  # no user yet: set-up, not sign-in
+    page.get_by_label("Administrator username").fill("chief")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_label("Repeat password").fill(PASSWORD + "x")
+    page.get_by_role("button", name="Create administrator").click()
+    page.get_by_text("The two passwords differ.").wait_for()
+    page.get_by_label("Repeat password").fill(PASSWORD)
+    page.get_by_role("button", name="Create administrator").click()
+    page.get_by_text("Signed in as chief").wait_for()
+    shot(page, "first_run")
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("button", name="Sign in").wait_for()  # set-up is offered only while no user exists
+    assert not page.get_by_text("Set up MedAI CXR").count()
+    fill_sign_in(page, "chief", PASSWORD)
+    page.get_by_text("Signed in as chief").wait_for()
+    links = page.locator('[data-testid="stSidebar"] [data-testid="stPageLink"]').all_inner_texts()
+    assert any("Users" in link for link in links)  # the first account is an administrator
+
+
+@pytest.mark.parametrize("user", ["rad1", "nobody"])
+def test_wrong_password_or_unknown_user_gets_the_same_generic_error(server, page, user):
+    page.goto(server)
+    fill_sign_in(page, user, PASSWORD + "wrong")
+    page.get_by_text(LOGIN_FAILED).wait_for()
+    body = page.locator("body").inner_text()
+    assert "Signed in as" not in body and "unknown" not in body.lower()
+    assert page.get_by_role("button", name="Sign in").count() == 1
 
 
 @pytest.mark.parametrize("path", PAGE_URLS)
@@ -59,6 +93,19 @@ def test_radiologist_analyzes_real_xrays(server, e2e_home, page):
     page.get_by_text("heatmap for").first.wait_for(timeout=120_000)
     body = page.locator("body").inner_text()
     assert "Findings" in body and jpeg.name in body  # the first image is selected for exploring
+    # switch the heatmap to the other class: a new CAM is computed and shown
+    caption = page.get_by_text(re.compile(r"^\w+ heatmap for (PNEUMONIA|NORMAL)$")).first
+    caption.wait_for()
+    shown = caption.inner_text().rsplit(" ", 1)[-1]
+    other = {"PNEUMONIA": "NORMAL", "NORMAL": "PNEUMONIA"}[shown]
+    page.get_by_label("Finding", exact=True).click()
+    page.get_by_role("option", name=other, exact=True).click()
+    page.get_by_text(re.compile(rf"^\w+ heatmap for {other}$")).wait_for(timeout=120_000)  # the caption
+    settle(page)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Overlay PNG").click()
+    assert download.value.suggested_filename == f"{jpeg.stem}_overlay.png"
+    assert Path(download.value.path()).read_bytes().startswith(b"\x89PNG")
     with page.expect_download() as download:
         page.get_by_role("button", name="PDF report").click()
     assert download.value.suggested_filename.endswith("_report.pdf")
