@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -183,3 +185,44 @@ def reset_password(store: Store, username: str, password: str, actor: str) -> No
     store.update_user(user.username, password_hash=hash_password(password))
     store.set_attempts(user.username, 0, 0.0)
     store.audit(actor, "password_reset", user=user.username)
+
+
+# ---- API tokens (the HTTP API, medai.api) ------------------------------------------------------------------
+# A token is 32 random bytes (URL-safe base64) behind a fixed prefix; it is shown once and only its SHA-256
+# is stored. With that much entropy a fast hash is enough (no offline guessing is possible), and lookups
+# need no per-token salt. A token acts as its user: the user's current role applies, and disabling the
+# user stops the token too.
+TOKEN_PREFIX = "medai_"
+TOKEN_INVALID = "invalid or revoked API token"
+
+
+def _token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_api_token(store: Store, username: str, label: str, actor: str) -> tuple[int, str]:
+    """(token id, the token itself). The token is not stored and cannot be shown again."""
+    user = _require_user(store, username)
+    label = label.strip()
+    if not label or len(label) > 64:
+        raise PasswordPolicyError("a token needs a label of 1-64 characters (what it is for)")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token_id = store.add_token(user.username, label, _token_sha256(token), token[:len(TOKEN_PREFIX) + 4], actor)
+    store.audit(actor, "token_created", user=user.username, token_id=token_id, label=label)
+    return token_id, token
+
+
+def revoke_api_token(store: Store, token_id: int, actor: str) -> None:
+    if not store.update_token(token_id, revoked_at=time.time()):
+        raise MedaiError(f"no API token with id {token_id}")
+    store.audit(actor, "token_revoked", token_id=token_id)
+
+
+def user_for_token(store: Store, token: str) -> tuple[User, int]:
+    """The token's (enabled) user and the token id, or :class:`AuthError` (one message for every reason)."""
+    row = store.token_by_hash(_token_sha256(token)) if token.startswith(TOKEN_PREFIX) else None
+    user = store.get_user(row["username"]) if row and row["revoked_at"] is None else None
+    if user is None or user.disabled:
+        raise AuthError(TOKEN_INVALID)
+    store.update_token(row["id"], last_used=time.time())
+    return user, int(row["id"])

@@ -12,6 +12,8 @@ from medai.errors import MedaiError
 from medai.models.checkpoint import read_card
 from medai.paths import SHIPPED_MODELS_DIR, medai_home, runs_dir
 
+DEFAULT_MODEL = "pneumonia-hybrid"  # what Analyze and the HTTP API use unless told otherwise
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -57,3 +59,9 @@ def list_models(include_runs: bool = True) -> tuple[list[ModelEntry], list[str]]
         except MedaiError as exc:
             problems.append(str(exc))
     return entries, problems
+
+
+def default_index(entries: list[ModelEntry]) -> int:
+    """Position of :data:`DEFAULT_MODEL` in ``entries`` (the first entry when it is absent)."""
+    names = [e.name for e in entries]
+    return names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0

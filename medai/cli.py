@@ -1,4 +1,4 @@
-"""Command line: ``python -m medai {train,evaluate,predict,explain,models,data,users} ...``.
+"""Command line: ``python -m medai {train,evaluate,predict,explain,models,data,users,tokens,serve,...} ...``.
 
 User errors (bad config, bad image, missing data) print one clear line and exit with status 2.
 """
@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list architectures and shipped checkpoints")
     cli_users.add_parser(sub)
+
+    sv = sub.add_parser("serve", help="run the HTTP API (FastAPI + uvicorn)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
 
     b = sub.add_parser("backup", help="create, list, verify, prune and restore backups (admin)")
     bsub = b.add_subparsers(dest="backup_command", required=True)
@@ -295,6 +299,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medai.api import serve
+
+    serve(args.host, args.port, "debug" if args.verbose else "info")
+    return 0
+
+
 def cmd_doctor(_args: argparse.Namespace) -> int:
     from medai.doctor import run_checks
 
@@ -305,7 +316,7 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "models": cmd_models, "users": cli_users.run,
+            "models": cmd_models, "users": cli_users.run, "tokens": cli_users.run_tokens, "serve": cmd_serve,
             "ship": cmd_ship, "backup": cmd_backup, "doctor": cmd_doctor}
 
 

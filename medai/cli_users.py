@@ -1,4 +1,5 @@
-"""``python -m medai users {list,add,set-role,disable,enable,reset-password,audit}``.
+"""``python -m medai users {list,add,set-role,disable,enable,reset-password,audit}`` and
+``python -m medai tokens {create,list,revoke}`` (API tokens for the HTTP API).
 
 Passwords are never taken as command-line arguments (they would land in shell history and ``ps``): they
 are read with a hidden prompt, or from standard input with ``--password-stdin`` for scripts.
@@ -40,6 +41,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     au.add_argument("--action", help="only this action, e.g. login_failed")
 
 
+    t = sub.add_parser("tokens", help="API tokens for the HTTP API (admin)")
+    tsub = t.add_subparsers(dest="tokens_command", required=True)
+    tc = tsub.add_parser("create", help="make a token for a user; it is printed once and never again")
+    tc.add_argument("username")
+    tc.add_argument("--label", required=True, help="what the token is for, e.g. 'PACS bridge'")
+    tl = tsub.add_parser("list", help="tokens (never the secret), newest first")
+    tl.add_argument("--user")
+    tsub.add_parser("revoke", help="revoke a token by id").add_argument("token_id", type=int)
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -76,4 +87,24 @@ def run(args: argparse.Namespace) -> int:
     elif command == "audit":
         for entry in store.audit_log(args.limit, args.action):
             print(f"{_when(entry['ts'])}  {entry['username'] or '-':<20}{entry['action']:<16}{json.dumps(entry['detail'])}")
+    return 0
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    store = Store()
+    command = args.tokens_command
+    if command == "create":
+        token_id, token = auth.create_api_token(store, args.username, args.label, actor=ACTOR)
+        print(f"token {token_id} for {args.username} ({args.label}); store it now, it is not shown again:",
+              file=sys.stderr)
+        print(token)
+    elif command == "list":
+        print(f"{'id':<6}{'user':<20}{'label':<28}{'prefix':<14}{'created':<18}{'last used':<18}state")
+        for t in store.tokens(args.user):
+            state = f"revoked {_when(t['revoked_at'])}" if t["revoked_at"] else "active"
+            print(f"{t['id']:<6}{t['username']:<20}{t['label'][:27]:<28}{t['prefix'] + '...':<14}"
+                  f"{_when(t['created_at']):<18}{_when(t['last_used']):<18}{state}")
+    elif command == "revoke":
+        auth.revoke_api_token(store, args.token_id, actor=ACTOR)
+        print(f"token {args.token_id} revoked")
     return 0

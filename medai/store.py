@@ -83,6 +83,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX runs_state ON runs(state);
     """,
+    # 3: API tokens for the HTTP API (medai.api): only a SHA-256 of each token is kept
+    """
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY,
+        username TEXT NOT NULL COLLATE NOCASE,
+        label TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_used REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX api_tokens_user ON api_tokens(username);
+    """,
 )
 
 DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False}
@@ -296,6 +311,37 @@ class Store:
             params = states
         with self.connect() as conn:
             return [dict(r) for r in conn.execute(query + " ORDER BY created_at", params)]
+
+    # ---- API tokens ----------------------------------------------------------------------------
+    def add_token(self, username: str, label: str, token_sha256: str, prefix: str, created_by: str) -> int:
+        with self.connect() as conn:
+            cur = conn.execute("INSERT INTO api_tokens (username, label, token_sha256, prefix, created_by, "
+                               "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                               (username, label, token_sha256, prefix, created_by, time.time()))
+            return int(cur.lastrowid)
+
+    def token_by_hash(self, token_sha256: str) -> dict[str, Any] | None:
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM api_tokens WHERE token_sha256 = ?", (token_sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def tokens(self, username: str | None = None) -> list[dict[str, Any]]:
+        """Every token's metadata (never a hash), newest first."""
+        query, params = "SELECT id, username, label, prefix, created_by, created_at, last_used, revoked_at " \
+                        "FROM api_tokens", ()
+        if username:
+            query, params = query + " WHERE username = ?", (username,)
+        with self.connect() as conn:
+            return [dict(r) for r in conn.execute(query + " ORDER BY id DESC", params)]
+
+    def update_token(self, token_id: int, **fields: Any) -> bool:
+        allowed = {"last_used", "revoked_at"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.connect() as conn:
+            cur = conn.execute(f"UPDATE api_tokens SET {assignments} WHERE id = ?", (*fields.values(), token_id))
+            return cur.rowcount > 0
 
     # ---- settings ------------------------------------------------------------------------------
     def get_setting(self, key: str) -> Any:

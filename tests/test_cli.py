@@ -88,3 +88,17 @@ def test_bad_config_is_one_clear_line(tmp_path: Path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     missing = run_cli("evaluate", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", "kermany-pneumonia")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_tokens_create_list_revoke(medai_home: Path):
+    run_cli("users", "add", "pacs", "--role", "radiologist", "--password-stdin", input="correct horse battery\n",
+            check=True)
+    created = run_cli("tokens", "create", "pacs", "--label", "PACS bridge", check=True)
+    token = created.stdout.strip()
+    assert token.startswith("medai_") and "not shown again" in created.stderr
+    listing = run_cli("tokens", "list", check=True).stdout
+    assert "PACS bridge" in listing and "active" in listing and token not in listing
+    assert run_cli("tokens", "revoke", "1", check=True).returncode == 0
+    assert "revoked" in run_cli("tokens", "list", check=True).stdout
+    missing = run_cli("tokens", "revoke", "99")
+    assert missing.returncode == 2 and "no API token with id 99" in missing.stderr

@@ -12,7 +12,7 @@ from PIL import Image
 
 from medai.analysis import (DISCLAIMER, Analysis, analyze_bytes, chest_check, decide, report_pdf, result_dict,
                             window)
-from medai.catalog import ModelEntry
+from medai.catalog import ModelEntry, default_index
 from medai.errors import MedaiError
 from medai.explain.cam import CAM_METHODS, default_method
 from medai.explain.explainer import Explanation, explain
@@ -22,13 +22,10 @@ from medai.store import Store, User
 from medai.ui.widgets import (available_models, cached_predictor, model_label, probability_chart,
                               shares_chart)
 
-DEFAULT_MODEL = "pneumonia-hybrid"
 
 
 def _pick_model(entries: list[ModelEntry]) -> ModelEntry:
-    names = [e.name for e in entries]
-    default = names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0
-    return st.sidebar.selectbox("Model", entries, index=default, format_func=model_label, key="analyze_model")
+    return st.sidebar.selectbox("Model", entries, index=default_index(entries), format_func=model_label, key="analyze_model")
 
 
 def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list) -> list[Analysis]:

@@ -1,4 +1,4 @@
-"""The Users page (admin): accounts, roles, the pixel-storage setting and the audit log."""
+"""The Users page (admin): accounts, roles, API tokens, the pixel-storage setting and the audit log."""
 
 from __future__ import annotations
 
@@ -50,6 +50,38 @@ def _manage_form(db: Store, admin: User, users: list[User]) -> None:
         _act(auth.reset_password, db, target, new_password, admin.username)
 
 
+def _tokens_section(db: Store, admin: User, users: list[User]) -> None:
+    st.markdown("**API tokens** (for `python -m medai serve`; a token acts as its user, with that user's role)")
+    with st.form("create_token", clear_on_submit=True):
+        c1, c2 = st.columns(2)
+        owner = c1.selectbox("Token for", [u.username for u in users], key="token_user")
+        label = c2.text_input("Label", placeholder="what it is for, e.g. PACS bridge")
+        if st.form_submit_button("Create token"):
+            try:
+                token_id, token = auth.create_api_token(db, owner, label, admin.username)
+            except MedaiError as exc:
+                st.error(str(exc))
+            else:
+                st.success(f"Token {token_id} for {owner}. Copy it now: it is stored only as a hash and is "
+                           "not shown again.")
+                st.code(token, language=None)
+    tokens = db.tokens()
+    if not tokens:
+        return
+    st.dataframe([{"id": t["id"], "user": t["username"], "label": t["label"], "token": t["prefix"] + "...",
+                   "created by": t["created_by"], "created": _when(t["created_at"]),
+                   "last used": _when(t["last_used"]),
+                   "state": f"revoked {_when(t['revoked_at'])}" if t["revoked_at"] else "active"}
+                  for t in tokens], hide_index=True)
+    active = [t for t in tokens if not t["revoked_at"]]
+    if active:
+        c1, c2 = st.columns([3, 1])
+        pick = c1.selectbox("Token", active, format_func=lambda t: f"{t['id']}: {t['username']} - {t['label']}",
+                            key="revoke_token")
+        if c2.button("Revoke token"):
+            _act(auth.revoke_api_token, db, pick["id"], admin.username)
+
+
 def render_users(admin: User) -> None:
     st.title("Users")
     db = Store()
@@ -59,6 +91,8 @@ def render_users(admin: User) -> None:
                  hide_index=True)
     _create_form(db, admin)
     _manage_form(db, admin, users)
+    st.divider()
+    _tokens_section(db, admin, users)
     st.divider()
     st.markdown("**Settings**")
     keep = st.toggle("Store image pixels with each analysis (PNG, never DICOM tags)",
@@ -72,7 +106,8 @@ def render_users(admin: User) -> None:
                                      "user_enabled", "password_reset", "setting_changed", "training_launch",
                                      "training_cancel", "training_resume", "model_registered", "backup_created",
                                      "backup_verified", "backup_verify_failed", "backup_restored",
-                                     "backup_deleted", "backup_pruned"])
+                                     "backup_deleted", "backup_pruned", "token_created", "token_revoked",
+                                     "api_call"])
     log = db.audit_log(500, None if action == "all" else action)
     st.dataframe([{"time": _when(e["ts"]), "user": e["username"], "action": e["action"],
                    "detail": str(e["detail"])} for e in log], hide_index=True)

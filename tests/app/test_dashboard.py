@@ -153,3 +153,23 @@ def test_corrupt_upload_shows_the_error(medai_home: Path):
     at = _analyze_upload(at, "notes.txt", b"just some text", "text/plain")
     assert "not a PNG, JPEG or DICOM" in at.error[0].value
     assert Store().history() == []
+
+
+def test_admin_creates_an_api_token_shown_once_then_revokes_it(medai_home: Path):
+    db = Store()
+    auth.create_user(db, "admin1", PASSWORD, "admin")
+    auth.create_user(db, "rad1", PASSWORD, "radiologist")
+    at = page_as("users.py", "admin1")
+    form_user = next(s for s in at.selectbox if s.key == "token_user")
+    form_user.set_value("rad1")
+    next(t for t in at.text_input if t.label == "Label").set_value("PACS bridge")
+    at = next(b for b in at.button if b.label == "Create token").click().run()
+    assert not at.exception
+    token = at.code[0].value
+    assert auth.user_for_token(db, token)[0].username == "rad1"
+    assert token not in str([t for t in db.tokens()])  # only a prefix and a hash are kept
+    at = next(b for b in at.button if b.label == "Revoke token").click().run()
+    assert not at.code  # never shown again
+    with pytest.raises(auth.AuthError):
+        auth.user_for_token(db, token)
+    assert [e["action"] for e in db.audit_log(2)] == ["token_revoked", "token_created"]
