@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all e2e setup clean-venv
+.PHONY: run test test-all e2e bench setup clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ $(E2E_STAMP): $(STAMP) requirements-e2e.txt
 
 e2e: $(E2E_STAMP) /usr/bin/chromium
 	$(PY) -m pytest tests/e2e -m e2e
+
+# Benchmarks (print Markdown tables; results and how they were run are in benchmarks/RESULTS.md).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	cd benchmarks && for script in analyze_latency cam_speed api_load; do ../$(PY) $$script.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

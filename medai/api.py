@@ -190,7 +190,7 @@ def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name:
     analysis = analyze_bytes(predictor, entry.name, data, file_name)
     explanation, warnings, images = None, [], {}
     if opts.explain or opts.heatmaps:
-        exp = explain(predictor, analysis.image, opts.findings, opts.method)
+        exp = explain(predictor, analysis.image, opts.findings, opts.method, analysis.prediction.probabilities)
         explanation = exp.to_dict()
         warnings = [w for w in [chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)] if w]
         warnings += [f"{label}: {text}" for label, text in exp.warnings.items()]

@@ -227,3 +227,21 @@ def test_ctr_separates_cardiomegaly_from_normal_pa_films():
             y.append(r in cardio)
     assert len(y) >= 45
     assert roc_auc_score(y, ctr) >= 0.75
+
+
+def test_cam_copies_are_per_thread_and_follow_weight_changes():
+    from medai.explain.cam import private_copy
+
+    model = create_model("resnet18", 2).eval()
+    first = private_copy(model)
+    assert private_copy(model) is first and first is not model  # reused within a thread
+    assert not model._forward_hooks and all(not p.requires_grad or p.grad is None for p in model.parameters())
+    other = {}
+    worker = threading.Thread(target=lambda: other.setdefault("copy", private_copy(model)))
+    worker.start()
+    worker.join()
+    assert other["copy"] is not first  # another thread never shares this thread's hooks
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # weights changed in place (a reload, a training step)
+    fresh = private_copy(model)
+    assert fresh is not first and torch.equal(fresh.classifier.weight, model.classifier.weight)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import types
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,10 +140,31 @@ def _batched_gradients(logits: torch.Tensor, layer_out: torch.Tensor, classes: l
 def resize_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to (height, width), clipped to [0, 1]."""
     height, width = size
+    small = np.clip(cam.astype(np.float32), 0.0, 1.0)  # clip the small map: bilinear stays within [0, 1]
     if cam.shape == (height, width):
-        return np.clip(cam.astype(np.float32), 0.0, 1.0)
-    img = Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        return small
+    img = Image.fromarray(small, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+_THREAD = threading.local()
+
+
+def private_copy(model: MedaiModel) -> MedaiModel:
+    """This thread's own copy of ``model`` for CAM hooks and gradients, made on first use and remade when
+    the model's weights or buffers change in place (their version counters move). Concurrent callers
+    never share a copy, and the shared model never sees a hook."""
+    version = tuple(t._version for t in (*model.parameters(), *model.buffers()))
+    copies = getattr(_THREAD, "copies", None)
+    if copies is None:
+        copies = _THREAD.copies = weakref.WeakKeyDictionary()
+    cached = copies.get(model)
+    if cached is None or cached[0] != version:
+        clone = copy.deepcopy(model).eval()
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        copies[model] = cached = (version, clone)
+    return cached[1]
 
 
 def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], method: str = "gradcam",
@@ -153,9 +176,7 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
         raise ExplainError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
     if batch.ndim != 4 or batch.shape[0] != 1:
         raise ExplainError("compute_cams explains one image at a time (batch of 1)")
-    model = copy.deepcopy(model).eval()  # hooks and gradients stay on this private copy
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = private_copy(model)  # hooks and gradients stay on this thread's own copy
     layers = model.cam_target_layers()
     reshape = model.cam_reshape_transform if model.uses_token_grid else None
     cam = CAM_METHODS[method](model=model, target_layers=layers, reshape_transform=reshape)

@@ -57,12 +57,14 @@ def select_findings(predictor: Predictor, probabilities: list[float], findings: 
 
 
 def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str] = "positive",
-            method: str | None = None) -> Explanation:
+            method: str | None = None, probabilities: list[float] | None = None) -> Explanation:
+    """``probabilities``: the predictor's output for ``image`` when the caller already has it (saves a
+    forward pass)."""
     method = method or default_method(predictor.ckpt.card["architecture"])
     timings = {}
     t0 = time.perf_counter()
     batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
-    probs = predictor.predict_tensor(batch)[0].tolist()
+    probs = list(probabilities) if probabilities is not None else predictor.predict_tensor(batch)[0].tolist()
     timings["predict"] = time.perf_counter() - t0
     classes = select_findings(predictor, probs, findings)
     t0 = time.perf_counter()

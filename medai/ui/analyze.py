@@ -119,7 +119,7 @@ def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method:
     key = (predictor.ckpt.sha256, analysis.image_sha256, finding, method)
     if key not in cache:
         with st.spinner(f"Computing {method} heatmap for {finding}..."):
-            cache[key] = explain(predictor, analysis.image, [finding], method)
+            cache[key] = explain(predictor, analysis.image, [finding], method, analysis.prediction.probabilities)
     return cache[key]
 
 

@@ -1,0 +1,148 @@
+"""Analyze latency per architecture, step by step, against the pipeline users write today
+(torchxrayvision preprocessing + pytorch-grad-cam GradCAM for one finding, same DenseNet121 architecture).
+
+    .venv/bin/python benchmarks/analyze_latency.py [--repeats 5]        (make bench installs torchxrayvision)
+
+Speed does not depend on the weights, so every model here is freshly initialised at 224 px with the 14
+NIH ChestX-ray14 labels (DenseNet121 has 18 outputs in torchxrayvision). Images: a 1024-px NIH PNG and the
+1955x1841 uncompressed DICOM from ../shared/data. Medians of ``--repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import DATA, machine, median_time, table
+from medai.api import Options, analyze_one
+from medai.catalog import ModelEntry
+from medai.data.io import decode_image
+from medai.data.transforms import PreprocessSpec, preprocess
+from medai.explain.anatomy import segment_chest
+from medai.explain.cam import compute_cams, default_method
+from medai.explain.overlay import render_overlay
+from medai.inference import Predictor
+from medai.models import create_model
+from medai.models.checkpoint import new_card, read_card, save_checkpoint
+
+NIH14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+         "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+ARCHITECTURES = (("densenet121", {}), ("hybrid_cnn_transformer", {"image_size": 224}), ("vit_small", {"image_size": 224}))
+
+
+def images() -> list[tuple[str, Path]]:
+    png = sorted((DATA / "nih-cxr14-sample" / "fullres").glob("*.png"))[0]
+    return [("NIH PNG 1024x1024", png), ("DICOM 1955x1841", DATA / "dicom" / "pydicom_data_RG1_UNCR.dcm")]
+
+
+def predictor_for(name: str, kwargs: dict, folder: Path) -> tuple[Predictor, ModelEntry]:
+    torch.manual_seed(0)
+    model = create_model(name, len(NIH14), **kwargs).eval()
+    card = new_card(name, kwargs, "multilabel", NIH14, PreprocessSpec(224).to_dict(), body_part="chest")
+    path = save_checkpoint(model, card, folder / f"{name}.safetensors")
+    return Predictor(path), ModelEntry(name, path, "benchmark", read_card(path))
+
+
+def ours(predictor: Predictor, entry: ModelEntry, path: Path, repeats: int) -> dict[str, float]:
+    data = path.read_bytes()
+    img = decode_image(data)
+    batch = preprocess(img.pixels, predictor.spec).unsqueeze(0)
+    method = default_method(entry.card["architecture"])
+    heat = compute_cams(predictor.model, batch, [0], method, img.pixels.shape).heatmaps[0]
+    anatomy = segment_chest(img.pixels, img.meta.body_part, img.meta.view, img.meta.modality)
+    all_labels = list(range(len(NIH14)))
+    return {
+        "decode": median_time(lambda: decode_image(data), repeats),
+        "preprocess": median_time(lambda: preprocess(img.pixels, predictor.spec), repeats),
+        "forward": median_time(lambda: predictor.predict_tensor(batch), repeats),
+        "heatmap 1": median_time(lambda: compute_cams(predictor.model, batch, [0], method, img.pixels.shape), repeats),
+        "heatmaps 14": median_time(lambda: compute_cams(predictor.model, batch, all_labels, method, img.pixels.shape),
+                                   repeats),
+        "anatomy": median_time(lambda: segment_chest(img.pixels, img.meta.body_part, img.meta.view,
+                                                     img.meta.modality), repeats),
+        "overlay": median_time(lambda: render_overlay(img.pixels, heat, 0.45, anatomy), repeats),
+        # the whole API/Analyze path from bytes: decode, predict, heatmaps, anatomy, attention shares, JSON
+        "end to end 1": median_time(lambda: analyze_one(predictor, entry, data, path.name,
+                                                        Options(findings=[NIH14[0]])), repeats),
+        "end to end 14": median_time(lambda: analyze_one(predictor, entry, data, path.name, Options(findings="all")),
+                                     repeats),
+    }
+
+
+def theirs(path: Path, repeats: int) -> dict[str, float]:
+    """torchxrayvision's README pipeline + pytorch-grad-cam, as a user would write it today."""
+    import skimage.io
+    import torchvision
+    import torchxrayvision as xrv
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = xrv.models.DenseNet(weights=None).eval()
+    transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])
+
+    def read() -> np.ndarray:
+        if path.suffix == ".dcm":
+            return xrv.utils.read_xray_dcm(str(path))  # already in [-1024, 1024]
+        img = xrv.datasets.normalize(skimage.io.imread(str(path)), 255)
+        return img.mean(2) if img.ndim == 3 else img
+
+    img = read()
+    x = torch.from_numpy(transform(img[None, ...])).float()[None]
+    rgb = np.repeat(((x[0, 0].numpy() + 1024) / 2048)[..., None], 3, axis=-1).clip(0, 1).astype(np.float32)
+
+    def gradcam() -> np.ndarray:
+        with GradCAM(model=model, target_layers=[model.features[-1]]) as cam:
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(0)])[0]
+
+    heat = gradcam()
+    with torch.inference_mode():
+        forward = median_time(lambda: model(x), repeats)
+    return {"decode": median_time(read, repeats), "preprocess": median_time(lambda: transform(img[None, ...]), repeats),
+            "forward": forward, "heatmap 1": median_time(gradcam, repeats),
+            "overlay": median_time(lambda: show_cam_on_image(rgb, heat, use_rgb=True), repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    steps = ["decode", "preprocess", "forward", "heatmap 1", "heatmaps 14", "anatomy", "overlay"]
+    rows, compare = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, kwargs in ARCHITECTURES:
+            predictor, entry = predictor_for(arch, kwargs, Path(tmp))
+            for label, path in images():
+                t = ours(predictor, entry, path, args.repeats)
+                ends = [t["end to end 1"], t["end to end 14"]]
+                rows.append([arch, label] + [f"{1000 * t[s]:.0f}" for s in steps] + [f"{1000 * e:.0f}" for e in ends])
+                if arch == "densenet121":
+                    x = theirs(path, args.repeats)
+                    their_total = sum(x.values())
+                    compare.append([label, f"{1000 * their_total:.0f}"] + [f"{1000 * e:.0f}" for e in ends]
+                                   + [f"{e / their_total:.2f}" for e in ends]
+                                   + [f"{1000 * x[s]:.0f}" for s in ("decode", "preprocess", "forward",
+                                                                       "heatmap 1", "overlay")])
+    print(f"## Analyze latency per step, 224 px models, 14 findings ({machine()})\n")
+    print("Median ms. `heatmap 1` / `heatmaps 14`: the architecture's default CAM method for one finding / "
+          "for all 14 at once, mapped back to the original resolution. `end to end` is the Analyze/API "
+          "path from file bytes (`medai.api.analyze_one`: decode, predict, heatmaps for 1 or all 14 "
+          "findings at full resolution, anatomy, attention shares, CTR, result JSON; no overlay PNG).\n")
+    print(table(rows, ["architecture", "image"] + [f"{s} ms" for s in steps] + ["end to end 1 ms", "end to end 14 ms"]))
+    print("\n### DenseNet121: medai vs torchxrayvision + pytorch-grad-cam (one finding)\n")
+    print("theirs = `xrv.datasets.normalize` (or `xrv.utils.read_xray_dcm`), `XRayCenterCrop`, "
+          "`XRayResizer(224)`, `xrv.models.DenseNet(weights=None)`, pytorch-grad-cam `GradCAM` on "
+          "`features[-1]` for one finding, `show_cam_on_image` at 224 px (heatmap at model size, no anatomy). "
+          "ours = end to end as above, heatmaps at the original resolution.\n")
+    print(table(compare, ["image", "theirs total ms", "ours 1 finding ms", "ours 14 findings ms",
+                          "ours/theirs 1", "ours/theirs 14",
+                          "their decode", "their preprocess", "their forward", "their gradcam", "their overlay"]))
+
+
+if __name__ == "__main__":
+    main()
