@@ -44,6 +44,15 @@ def medai_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Pa
     return home
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, check: bool = False, timeout: float = 600,
             env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     """``python -m medai ...`` in a subprocess with the test's environment (plus ``env``)."""

@@ -18,7 +18,7 @@ from medai import auth
 from medai.api import ApiSettings, RateLimiter, create_app
 from medai.paths import SHIPPED_MODELS_DIR
 from medai.store import Store
-from tests.conftest import need, run_cli
+from tests.conftest import free_port, need, run_cli
 
 MODEL = SHIPPED_MODELS_DIR / "pneumonia-hybrid.safetensors"
 PASSWORD = "correct horse battery"
@@ -265,15 +265,12 @@ def test_fuzzed_requests_never_give_a_5xx(client, token, payload, name, model, f
 
 def test_medai_serve_answers_over_real_http(store, token, medai_home):
     import os
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "medai", "serve", "--port", str(port)], cwd=MODEL.parents[1],
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

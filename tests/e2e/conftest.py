@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MEDAI_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -27,12 +28,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 PASSWORD = "correct horse battery"
 USERS = {"admin1": "admin", "res1": "researcher", "rad1": "radiologist"}
 SHOTS = Path(os.environ.get("MEDAI_E2E_SHOTS", ROOT / "results" / "e2e"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -64,7 +59,7 @@ def dashboard(home: Path) -> Iterator[str]:
     """``streamlit run dashboard.py`` on a free loopback port with ``home`` as MEDAI_HOME; yields its URL."""
     env = {**os.environ, "MEDAI_HOME": str(home), "PYTHONWARNINGS": "ignore"}
     env.pop("MEDAI_ADMIN_PASSWORD", None)
-    port = _free_port()
+    port = free_port()
     log = open(home / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true",
