@@ -59,6 +59,7 @@ from medai.paths import env_number
 from medai.store import Store, StoreError, User
 
 log = logging.getLogger("medai.api")
+CATALOG_TTL_S = 10.0  # newly shipped or trained models appear within this many seconds
 UNAUDITED = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
@@ -138,10 +139,17 @@ class ModelPool:
     def __init__(self, limits: DecodeLimits):
         self.limits = limits
         self._loaded: dict[str, tuple[tuple[str, int, int], Predictor]] = {}
+        self._entries: tuple[float, list[ModelEntry]] | None = None
+        self._catalog_lock = threading.Lock()
         self._lock = threading.Lock()
 
     def entries(self) -> list[ModelEntry]:
-        return list_models()[0]
+        """The catalogue, re-read at most every ``CATALOG_TTL_S`` (it reads every checkpoint's header)."""
+        now = time.monotonic()
+        with self._catalog_lock:  # not the load lock: /health must not wait for a model to load
+            if self._entries is None or now - self._entries[0] > CATALOG_TTL_S:
+                self._entries = (now, list_models()[0])
+            return self._entries[1]
 
     def entry(self, name: str | None) -> ModelEntry:
         entries = self.entries()
@@ -165,8 +173,7 @@ class ModelPool:
             return self._loaded[entry.name][1]
 
     def loaded(self) -> list[str]:
-        with self._lock:
-            return sorted(self._loaded)
+        return sorted(list(self._loaded))  # list() of a dict is atomic; no waiting for a load in progress
 
 
 @dataclass
@@ -199,9 +206,10 @@ def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name:
             images = {label: {"heatmap_png": _b64png((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)),
                               "overlay_png": _b64png(render_overlay(pixels, heat, opts.opacity, exp.anatomy))}
                       for label, heat in exp.heatmaps.items()}
-    result = result_dict(analysis, dict(zip(predictor.labels, predictor.thresholds)), entry.card, explanation)
+    thresholds = dict(zip(predictor.labels, predictor.thresholds))
+    result = result_dict(analysis, thresholds, entry.card, explanation)
     result["probabilities"] = dict(zip(analysis.labels, analysis.prediction.probabilities))
-    result["thresholds"] = dict(zip(predictor.labels, predictor.thresholds))
+    result["thresholds"] = thresholds
     result["warnings"] = warnings
     if opts.heatmaps:
         result["heatmaps"] = images
