@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--resume", metavar="RUN", help="continue a run (id or folder) from its last epoch")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train data-parallel on N local processes (one per GPU; CPU processes use gloo) by "
+                        "re-launching under torchrun; sets train.nproc_per_node")
+    t.add_argument("--print-command", action="store_true",
+                   help="print the torchrun command this run would use and exit")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled dataset")
     e.add_argument("--checkpoint", required=True)
@@ -102,16 +108,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medai.training.callbacks import ProgressBar
     from medai.training.trainer import resume, train
 
+    from medai.training import distributed
+
+    if not args.config and not args.resume:
+        raise MedaiError("train needs --config FILE (or --resume RUN)")
+    if not distributed.under_torchrun():
+        launch = _torchrun_launch(args)
+        if launch:
+            print(distributed.format_command(launch), flush=True)
+            if args.print_command:
+                return 0
+            os.execv(launch[0], launch)  # same pid: the job system keeps tracking the run
     callbacks = [] if args.no_progress else [ProgressBar()]
     if args.resume:
         run_dir = resume(args.resume, callbacks)
     else:
-        if not args.config:
-            raise MedaiError("train needs --config FILE (or --resume RUN)")
         run_dir = train(load_config(args.config, args.overrides), callbacks)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the run
     status = json.loads((run_dir / "status.json").read_text())
     print(f"run {run_dir.name}: {status['state']} (best val AUROC {status.get('best_val_auroc')}) -> {run_dir}")
     return 0 if status["state"] == "finished" else 3
+
+
+def _torchrun_launch(args: argparse.Namespace) -> list[str] | None:
+    """The torchrun command for a run whose config (or --nproc-per-node) asks for several processes on
+    this machine; None for a single process (unless --print-command asks to see it anyway)."""
+    from medai.config import load_config
+    from medai.training import distributed
+    from medai.training.amp import resolve_device
+    from medai.training.trainer import find_run
+
+    forwarded = ["train"]
+    if args.resume:
+        run_dir = find_run(args.resume)
+        cfg = load_config(run_dir / "config.yaml")
+        nproc = cfg.train.nproc_per_node
+        if args.nproc_per_node and args.nproc_per_node != nproc:
+            raise MedaiError(f"run {run_dir.name} was started on {nproc} process(es); a resume must use the "
+                             "same number (the effective batch and step count depend on it)")
+        forwarded += ["--resume", str(run_dir)]
+    else:
+        overrides = list(args.overrides)
+        if args.nproc_per_node:
+            overrides.append(f"train.nproc_per_node={args.nproc_per_node}")
+        cfg = load_config(args.config, overrides)
+        nproc = cfg.train.nproc_per_node
+        forwarded += ["--config", args.config, *(a for o in overrides for a in ("--set", o))]
+    if args.no_progress:
+        forwarded.append("--no-progress")
+    if nproc == 1 and not args.print_command:
+        return None
+    distributed.check_nproc(nproc, resolve_device(cfg.train.device))
+    return distributed.torchrun_command(nproc, forwarded)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

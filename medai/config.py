@@ -71,8 +71,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 3e-4
+    batch_size: int = 32  # per process; the effective batch is batch_size x processes (see nproc_per_node)
+    lr: float = 3e-4  # base rate; scaled by lr_scaling when several processes train together
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -95,6 +95,12 @@ class TrainConfig:
     bootstrap: int = 500  # bootstrap resamples for AUROC confidence intervals in the final evaluation
     threshold_method: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = 0.95
+    # distributed data parallel (torchrun): processes on this machine when launched by `medai train`
+    # (one per GPU; >1 re-launches under torchrun), the learning-rate rule for the effective batch, and
+    # BatchNorm statistics synchronised across processes (CUDA only)
+    nproc_per_node: int = 1
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -233,6 +239,7 @@ def validate(cfg: ExperimentConfig) -> None:
          "train.early_stopping_patience", "must be >= 1 or null"),
         (0 < t.target_sensitivity < 1, "train.target_sensitivity", "must be in (0, 1)"),
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
+        (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),
         (16 <= p.image_size <= 2048, "preprocess.image_size", "must be between 16 and 2048"),
         (p.std > 0, "preprocess.std", "must be > 0"),
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),

@@ -85,6 +85,7 @@ class StepClock:
 
     step: int
     total_steps: int
+    world_size: int = 1  # processes stepping in lockstep: each step moves world_size batches
     timed_steps: int = 0
     images: int = 0
     seconds: float = 0.0
@@ -92,7 +93,7 @@ class StepClock:
     def tick(self, batch: int, seconds: float) -> None:
         self.step += 1
         self.timed_steps += 1
-        self.images += batch
+        self.images += batch * self.world_size
         self.seconds += seconds
 
     def images_per_s(self) -> float:
@@ -107,16 +108,19 @@ class StepClock:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, prec: Precision, cfg: TrainConfig, clock: StepClock, epoch: int,
                     lr_at: Callable[[int], float], on_step: Callable[[dict], None],
-                    should_stop: Callable[[], bool]) -> dict[str, float]:
+                    should_stop: Callable[[], bool], seen: list[str] | None = None) -> dict[str, float]:
+    """One epoch; ``seen`` (when given) collects the ids of the images trained on, in order."""
     model.train()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    total_loss, seen = 0.0, 0
+    total_loss, count = 0.0, 0
     t_last = time.perf_counter()
-    for i, (images, targets, _ids, _patients) in enumerate(loader):
+    for i, (images, targets, ids, _patients) in enumerate(loader):
         if cfg.max_steps_per_epoch is not None and i >= cfg.max_steps_per_epoch:
             break
         if should_stop():
-            return {"loss": total_loss / max(seen, 1), "stopped": 1.0}
+            return {"loss": total_loss / max(count, 1), "stopped": 1.0}
+        if seen is not None:
+            seen.extend(ids)
         images = images.to(prec.device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(prec.device, non_blocking=True)
         lr = lr_at(clock.step)
@@ -143,14 +147,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             optimizer.step()
         batch = images.shape[0]
         total_loss += loss.item() * batch
-        seen += batch
+        count += batch
         now = time.perf_counter()
         clock.tick(batch, now - t_last)
         t_last = now
         if clock.step % cfg.log_every == 0:
             on_step({"type": "step", "epoch": epoch, "step": clock.step, "loss": loss.item(), "lr": lr,
                      "images_per_s": clock.images_per_s(), "eta_s": clock.eta_s(), "time": time.time()})
-    return {"loss": total_loss / max(seen, 1)}
+    return {"loss": total_loss / max(count, 1)}
 
 
 @torch.no_grad()

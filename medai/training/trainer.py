@@ -3,6 +3,9 @@ resume after a crash, and the final evaluation that fills the checkpoint's model
 
 ``results/runs/<run_id>/``: config.yaml, progress.jsonl, status.json, best.safetensors, last.pt
 (resume state, loaded with the weights-only unpickler), eval.json, predictions.csv, train.log.
+
+Under ``torchrun`` the same code trains data-parallel (see :mod:`medai.training.distributed`): rank 0
+owns the run folder, every rank trains on its shard.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from medai.atomic import atomic_path, write_json, write_text
 from medai.config import ExperimentConfig, dump_config, load_config
@@ -34,8 +38,10 @@ from medai.evaluation.report import evaluate_logits, write_predictions_csv
 from medai.models import create_model
 from medai.models.checkpoint import new_card, save_checkpoint, update_card
 from medai.paths import cache_dir, runs_dir
+from medai.training import distributed
 from medai.training.amp import resolve_device, resolve_precision
 from medai.training.callbacks import Callback, ProgressFile, StatusFile, truncate_progress
+from medai.training.distributed import SINGLE, DistContext
 from medai.training.loop import EarlyStopping, StepClock, lr_factor, make_loss, predict_loader, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -51,11 +57,15 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, callbacks: list[Callback] | None = None):
-        self.cfg, self.run_dir = cfg, run_dir
-        self.status = StatusFile(run_dir / "status.json")
-        self.callbacks = [ProgressFile(run_dir / "progress.jsonl"), self.status, *(callbacks or [])]
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, callbacks: list[Callback] | None = None,
+                 ctx: DistContext = SINGLE):
+        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        self.callbacks: list[Callback] = []
+        if ctx.is_main:  # only rank 0 writes progress, status and the log
+            self.callbacks = [ProgressFile(run_dir / "progress.jsonl"), StatusFile(run_dir / "status.json"),
+                              *(callbacks or [])]
         self._stop_reason: str | None = None
+        self._stage: bool | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
     def _data(self) -> tuple[RecordSet, list[Record], list[Record]]:
@@ -63,9 +73,11 @@ class Trainer:
         recset = load_records(d)
         train = cap_records(recset.split(d.train_split), d.max_samples, d.split_seed)
         val = cap_records(recset.split(d.val_split), d.max_samples, d.split_seed)
-        if not train or not val:
+        need = self.ctx.world_size
+        if len(train) < need or len(val) < need:
             raise DatasetError(f"{recset.root}: split '{d.train_split}' has {len(train)} and split "
-                               f"'{d.val_split}' has {len(val)} images; both need images")
+                               f"'{d.val_split}' has {len(val)} images; each needs at least {need} "
+                               f"(one per process)")
         return recset, train, val
 
     def _loader(self, records: list[Record], train: bool, epoch: int = 0) -> DataLoader:
@@ -73,8 +85,16 @@ class Trainer:
         ds = XrayDataset(records, self.spec, DecodeCache(cache_dir()) if t.cache else None,
                          build_augmentation(self.cfg.augment) if train else None)
         gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-        return DataLoader(ds, batch_size=t.batch_size if train else t.batch_size * 2, shuffle=train,
-                          generator=gen, num_workers=t.num_workers, drop_last=False,
+        sampler = None
+        if train and self.ctx.enabled:
+            # disjoint shards, reshuffled per epoch; drop_last keeps every rank at the same step count
+            # without padding a shard with another rank's images
+            sampler = DistributedSampler(ds, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=t.seed,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+        return DataLoader(ds, batch_size=t.batch_size if train else t.batch_size * 2,
+                          shuffle=train and sampler is None, sampler=sampler, generator=gen,
+                          num_workers=t.num_workers, drop_last=False,
                           pin_memory=self.prec.device.type == "cuda",
                           persistent_workers=False)
 
@@ -82,12 +102,18 @@ class Trainer:
         self._stop_reason = f"signal {signal.Signals(signum).name}"
 
     def _should_stop(self) -> bool:
-        if self._stop_reason is None and (self.run_dir / CANCEL_FILE).exists():
+        """Cancel file or signal; under torchrun a request seen by any rank stops every rank."""
+        if self._stop_reason is None and self.ctx.is_main and (self.run_dir / CANCEL_FILE).exists():
             self._stop_reason = "cancel requested"
-        return self._stop_reason is not None
+        if distributed.any_rank(self._stop_reason is not None, self.ctx, self.prec.device):
+            self._stop_reason = self._stop_reason or "stop requested by another process"
+            return True
+        return False
 
     # ------------------------------------------------------------------------------------------ run
     def fit(self) -> Path:
+        if not self.ctx.is_main:
+            return self._fit()
         handler = logging.FileHandler(self.run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package_log = logging.getLogger("medai")
@@ -101,10 +127,10 @@ class Trainer:
             handler.close()
 
     def _fit(self) -> Path:
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
         torch.manual_seed(t.seed)
         torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
-        self.prec = resolve_precision(t.amp, resolve_device(t.device))
+        self.prec = resolve_precision(t.amp, distributed.device_for(resolve_device(t.device), ctx))
         self.spec = PreprocessSpec(cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std)
         recset, train, val = self._data()
         self.labels, self.kind = recset.labels, recset.kind
@@ -115,60 +141,88 @@ class Trainer:
         model.to(self.prec.device)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
+        sync_bn = t.sync_batchnorm and ctx.enabled and self.prec.device.type == "cuda"
+        if t.sync_batchnorm and ctx.enabled and not sync_bn:
+            log.warning("train.sync_batchnorm needs CUDA; CPU processes keep per-process BatchNorm statistics")
+        if sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_targets = np.stack([r.target for r in train])
         loss_fn = make_loss(self.kind, train_targets, t, self.prec.device)
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-        steps_per_epoch = math.ceil(len(train) / t.batch_size)
+        per_process = len(train) // ctx.world_size if ctx.enabled else len(train)
+        steps_per_epoch = math.ceil(per_process / t.batch_size)
         if t.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
         warmup = int(t.warmup_epochs * steps_per_epoch)
         state = self._resume_state(model, optimizer)
-        clock = StepClock(step=state["step"], total_steps=total_steps)
+        clock = StepClock(step=state["step"], total_steps=total_steps, world_size=ctx.world_size)
+        base_lr = t.lr * distributed.lr_scale(t.lr_scaling, ctx.world_size)
         stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"])
         self.card_base = dict(architecture=cfg.model.name, model_kwargs=model_kwargs, task_kind=self.kind,
                               labels=self.labels, preprocessing=self.spec.to_dict(), task_name=cfg.name,
                               body_part=cfg.data.body_part,
-                              training_config=cfg.to_dict(), data_summary=self._data_summary(recset, train, val))
+                              training_config=cfg.to_dict(), data_summary=self._data_summary(recset, train, val),
+                              distributed={"world_size": ctx.world_size, "backend": ctx.backend,
+                                           "per_process_batch": t.batch_size,
+                                           "effective_batch": t.batch_size * ctx.world_size,
+                                           "lr_scaling": t.lr_scaling, "base_lr": t.lr, "effective_lr": base_lr,
+                                           "sync_batchnorm": sync_bn})
 
         def lr_at(step: int) -> float:
             stage = t.finetune_lr_factor if (t.head_epochs and step >= t.head_epochs * steps_per_epoch) else 1.0
-            return t.lr * stage * lr_factor(step, total_steps, warmup, t.min_lr_ratio)
+            return base_lr * stage * lr_factor(step, total_steps, warmup, t.min_lr_ratio)
 
         signal.signal(signal.SIGTERM, self._request_stop)
         info = {"run_id": self.run_dir.name, "total_steps": total_steps, "start_step": state["step"],
-                "epochs": t.epochs, "precision": self.prec.name, "device": str(self.prec.device)}
+                "epochs": t.epochs, "precision": self.prec.name, "device": str(self.prec.device),
+                "world_size": ctx.world_size}
         for cb in self.callbacks:
             cb.on_train_start(info)
-        log.info("run %s: %s on %s (%s), %d train / %d val images, %d labels", self.run_dir.name,
-                 cfg.model.name, self.prec.device, self.prec.name, len(train), len(val), len(self.labels))
-        val_loader = self._loader(val, False)
+        log.info("run %s: %s on %s (%s), %d train / %d val images, %d labels, %d process(es)",
+                 self.run_dir.name, cfg.model.name, self.prec.device, self.prec.name, len(train), len(val),
+                 len(self.labels), ctx.world_size)
+        # each process predicts every world_size-th validation image; the predictions are gathered
+        val_loader = self._loader(val[ctx.rank::ctx.world_size], False)
         end_state = "finished"
         try:
             for epoch in range(state["epoch"], t.epochs):
-                self._set_stage(model, epoch)
+                net = self._set_stage(model, epoch)
                 torch.manual_seed(t.seed * 1000 + epoch)
                 started = time.perf_counter()
-                result = train_one_epoch(model, self._loader(train, True, epoch), optimizer, loss_fn,
-                                         self.prec, t, clock, epoch, lr_at, self._emit_step, self._should_stop)
+                seen: list[str] | None = [] if ctx.enabled else None
+                result = train_one_epoch(net, self._loader(train, True, epoch), optimizer, loss_fn,
+                                         self.prec, t, clock, epoch, lr_at, self._emit_step, self._should_stop,
+                                         seen)
                 if result.get("stopped"):
                     end_state = "cancelled"
                     break
-                preds = predict_loader(model, val_loader, self.prec, t.channels_last, loss_fn)
-                scores = quick_scores(preds["targets"], probs_from_logits(preds["logits"], self.kind))
-                improved = stopper.update(scores["auroc"], epoch)
-                if improved:
+                distributed.sync_buffers(model, ctx)
+                preds = self._predict_val(model, val_loader, loss_fn)
+                decision = None
+                if ctx.is_main:  # decided once, on all gathered scores, then broadcast
+                    scores = quick_scores(preds["targets"], probs_from_logits(preds["logits"], self.kind))
+                    improved = stopper.update(scores["auroc"], epoch)
+                    decision = {"scores": scores, "improved": improved, "stopper": stopper.state()}
+                decision = distributed.broadcast(decision, ctx)
+                scores, improved = decision["scores"], decision["improved"]
+                stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
+                                        **decision["stopper"])
+                if improved and ctx.is_main:
                     save_checkpoint(model, new_card(**self.card_base), self.run_dir / "best.safetensors")
                 record = {"type": "epoch", "epoch": epoch, "step": clock.step, "train_loss": result["loss"],
                           "val_loss": preds["loss"], "val_auroc": scores["auroc"], "val_map": scores["map"],
                           "lr": lr_at(max(clock.step - 1, 0)), "images_per_s": clock.images_per_s(),
                           "epoch_time_s": time.perf_counter() - started, "eta_s": clock.eta_s(),
                           "best_val_auroc": stopper.best, "improved": improved, "time": time.time()}
+                if ctx.enabled:
+                    record.update(self._rank_report(model, seen or [], result["loss"]))
                 state.update(epoch=epoch + 1, step=clock.step, stopper=stopper.state())
-                self._save_state(model, optimizer, state)
+                if ctx.is_main:
+                    self._save_state(model, optimizer, state)
                 for cb in self.callbacks:
                     cb.on_epoch(record)
                 if stopper.should_stop:
@@ -180,8 +234,8 @@ class Trainer:
                     break
             summary: dict[str, Any] = {"best_epoch": stopper.best_epoch, "best_val_auroc": stopper.best,
                                        "epochs_done": state["epoch"]}
-            if end_state == "finished":
-                summary.update(self._final_evaluation(val_loader))
+            if end_state == "finished" and ctx.is_main:
+                summary.update(self._final_evaluation(self._loader(val, False) if ctx.enabled else val_loader))
         except BaseException as exc:
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             log.exception("run %s failed", self.run_dir.name)
@@ -197,11 +251,50 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step(record)
 
-    def _set_stage(self, model: torch.nn.Module, epoch: int) -> None:
+    def _set_stage(self, model: torch.nn.Module, epoch: int) -> torch.nn.Module:
+        """Freeze all but the head in stage one; returns the module to train (the DDP wrapper, rebuilt
+        when the set of trainable parameters changes, since DDP registers them when it is built)."""
         head_only = epoch < self.cfg.train.head_epochs
         head = {id(p) for p in model.head_parameters()}
         for p in model.parameters():
             p.requires_grad_(not head_only or id(p) in head)
+        if not self.ctx.enabled:
+            return model
+        if self._stage != head_only:
+            self._stage = head_only
+            cuda = self.prec.device.type == "cuda"
+            self._ddp = DistributedDataParallel(model, device_ids=[self.prec.device.index] if cuda else None)
+        return self._ddp
+
+    def _predict_val(self, model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module) -> dict:
+        """Validation predictions over the whole val set, in dataset order, on every rank."""
+        preds = predict_loader(model, loader, self.prec, self.cfg.train.channels_last, loss_fn)
+        if not self.ctx.enabled:
+            return preds
+        parts = distributed.gather(preds, self.ctx)
+        n = sum(len(p["ids"]) for p in parts)
+        merged: dict[str, Any] = {"loss": sum(p["loss"] * len(p["ids"]) for p in parts) / max(n, 1)}
+        for key in ("logits", "targets"):
+            merged[key] = np.stack(distributed.interleave([list(p[key]) for p in parts]))
+        for key in ("ids", "patients"):
+            merged[key] = distributed.interleave([p[key] for p in parts])
+        return merged
+
+    def _rank_report(self, model: torch.nn.Module, seen: list[str], loss: float) -> dict[str, Any]:
+        """What each rank trained on this epoch and a check that all ranks hold the same weights."""
+        mine = {"images": len(seen), "order": distributed.ids_digest(seen), "ids": seen,
+                "weights": distributed.weights_digest(model), "loss": loss}
+        ranks = distributed.gather(mine, self.ctx)
+        digests = {r["weights"] for r in ranks}
+        if len(digests) != 1:
+            raise RuntimeError(f"processes hold different weights after the epoch ({len(digests)} versions); "
+                               "distributed training diverged")
+        id_sets = [set(r["ids"]) for r in ranks]
+        return {"world_size": self.ctx.world_size, "weights_digest": digests.pop(),
+                "train_loss": float(np.mean([r["loss"] for r in ranks])),  # equal shards: the global mean
+                "shards": [{"rank": i, "images": r["images"], "order": r["order"], "train_loss": r["loss"]}
+                           for i, r in enumerate(ranks)],
+                "shards_overlap": sum(len(s) for s in id_sets) - len(set.union(*id_sets))}
 
     # ------------------------------------------------------------------------------------------ resume
     def _resume_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -213,7 +306,8 @@ class Trainer:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["loop"])
-        truncate_progress(self.run_dir / "progress.jsonl", state["epoch"])
+        if self.ctx.is_main:
+            truncate_progress(self.run_dir / "progress.jsonl", state["epoch"])
         log.info("resumed %s after epoch %d (step %d)", self.run_dir.name, state["epoch"] - 1, state["step"])
         return state
 
@@ -276,16 +370,33 @@ class Trainer:
 
 
 def train(cfg: ExperimentConfig, callbacks: list[Callback] | None = None) -> Path:
-    """Start a new run; returns its folder."""
-    return Trainer(cfg, new_run_dir(cfg), callbacks).fit()
+    """Start a new run; returns its folder. Under torchrun, rank 0 creates the folder for all ranks."""
+    ctx = distributed.init(resolve_device(cfg.train.device))
+    try:
+        run_dir = distributed.broadcast(new_run_dir(cfg) if ctx.is_main else None, ctx)
+        return Trainer(cfg, run_dir, callbacks, ctx).fit()
+    finally:
+        distributed.close(ctx)
 
 
-def resume(run: str | os.PathLike, callbacks: list[Callback] | None = None) -> Path:
-    """Continue a run from its last completed epoch (after a cancel, crash or kill -9)."""
+def find_run(run: str | os.PathLike) -> Path:
+    """A run folder from its id or path."""
     run_dir = Path(run)
     if not run_dir.is_dir():
         run_dir = runs_dir() / str(run)
     if not (run_dir / "config.yaml").is_file():
         raise MedaiError(f"no run folder with a config.yaml at {run} (looked in {runs_dir()})")
-    (run_dir / CANCEL_FILE).unlink(missing_ok=True)
-    return Trainer(load_config(run_dir / "config.yaml"), run_dir, callbacks).fit()
+    return run_dir
+
+
+def resume(run: str | os.PathLike, callbacks: list[Callback] | None = None) -> Path:
+    """Continue a run from its last completed epoch (after a cancel, crash or kill -9)."""
+    run_dir = find_run(run)
+    cfg = load_config(run_dir / "config.yaml")
+    ctx = distributed.init(resolve_device(cfg.train.device))
+    try:
+        if ctx.is_main:
+            (run_dir / CANCEL_FILE).unlink(missing_ok=True)
+        return Trainer(cfg, run_dir, callbacks, ctx).fit()
+    finally:
+        distributed.close(ctx)
