@@ -86,6 +86,7 @@ def check_launchable(cfg: ExperimentConfig) -> None:
     """Refuse, with a reason, what would fail in the job process anyway."""
     from medai.models.registry import list_models
     from medai.training.amp import resolve_device, resolve_precision
+    from medai.training.distributed import check_nproc
 
     if not RUN_NAME.match(cfg.name):
         raise ConfigError(f"run name {cfg.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
@@ -96,6 +97,7 @@ def check_launchable(cfg: ExperimentConfig) -> None:
     if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
         raise ConfigError(f"starting checkpoint {cfg.model.pretrained} does not exist")
     resolve_precision(cfg.train.amp, resolve_device(cfg.train.device))  # e.g. fp16 on CPU is refused
+    check_nproc(cfg.train.nproc_per_node, resolve_device(cfg.train.device))
 
 
 def submit(cfg: ExperimentConfig, username: str, store: Store | None = None) -> Job:

@@ -55,12 +55,30 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"train.batch_size={form['batch_size']}", f"train.lr={form['lr']}", f"train.amp={form['amp']}",
             f"train.early_stopping_patience={form['patience']}", f"train.head_epochs={form['head_epochs']}",
             f"augment.enabled={str(form['augment']).lower()}", f"train.seed={form['seed']}",
-            f"name={form['name']}"]
+            f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
+            f"train.lr_scaling={form['lr_scaling']}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
     if form["pretrained"].strip():
         sets.append(f"model.pretrained={form['pretrained'].strip()}")
     return sets
+
+
+def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
+    """GPUs to train on (data-parallel under torchrun) and the learning-rate rule for the larger batch;
+    fixed at 1 where this machine has fewer than two GPUs."""
+    if gpus < 2:
+        st.number_input("GPUs (processes)", 1, 1, 1, disabled=True, key=f"nproc_{key}",
+                        help="Data-parallel training needs two or more GPUs; this machine trains on one "
+                             "process.")
+        return {"nproc": 1, "lr_scaling": cfg.train.lr_scaling}
+    nproc = st.number_input("GPUs (processes)", 1, gpus, min(max(cfg.train.nproc_per_node, 1), gpus),
+                            key=f"nproc_{key}", help="One torchrun process per GPU; the batch size above is per "
+                                                     "GPU, so the effective batch is batch size x GPUs.")
+    rules = ["none", "linear", "sqrt"]
+    scaling = st.selectbox("Learning rate for the effective batch", rules, rules.index(cfg.train.lr_scaling),
+                           key=f"lrs_{key}", help="none: the rate above; linear: x GPUs; sqrt: x sqrt(GPUs)")
+    return {"nproc": int(nproc), "lr_scaling": scaling}
 
 
 def _launch_form(user: User) -> None:
@@ -96,6 +114,7 @@ def _launch_form(user: User) -> None:
                 "augment": st.checkbox("Augmentation", value=cfg.augment.enabled, key=f"aug_{key}"),
                 "seed": st.number_input("Seed", 0, 2**31 - 1, cfg.train.seed, key=f"seed_{key}"),
                 "pretrained": st.text_input("Starting weights (local file, optional)", key=f"pre_{key}"),
+                **_parallel_inputs(cfg, key, torch.cuda.device_count()),
             }
             submitted = st.form_submit_button("Start training", type="primary")
         summary_box = st.expander("Dataset counts")
@@ -173,6 +192,9 @@ def _run_panel(run_id: str, user: User) -> None:
     st.progress(job.progress)
     if status.get("message"):
         st.caption(status["message"])
+    if (status.get("world_size") or 1) > 1:
+        st.caption(f"Data-parallel on {status['world_size']} processes ({status.get('device')}); images/s "
+                   "counts all of them.")
     _controls(job, user)
     st.plotly_chart(curves(read_progress(job.run_dir / "progress.jsonl")), key=f"curves_{run_id}")
     with st.expander("Log", expanded=job.state == "failed"):

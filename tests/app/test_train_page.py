@@ -6,12 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from streamlit.testing.v1 import AppTest
 
 from medai import auth
 from medai.catalog import list_models
+from medai.models.checkpoint import read_card
 from medai.store import Store
 from medai.training import jobs
+from medai.training.callbacks import read_progress
 from tests.app.test_dashboard import PASSWORD, ROOT, app, page_as, sign_in
 from tests.conftest import need
 
@@ -22,10 +25,13 @@ def train_page(role: str = "researcher") -> AppTest:
     return at.switch_page("pages/train.py").run()
 
 
-def launch_tiny(at: AppTest, epochs: int) -> AppTest:
+def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: str | None = None) -> AppTest:
     need("pneumoniamnist")
     at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
     key = "hybrid_pneumoniamnist"
+    if gpus:  # form widgets: set together, then submitted
+        at.number_input(key=f"nproc_{key}").set_value(gpus)
+        at.selectbox(key=f"lrs_{key}").set_value(lr_scaling)
     at.number_input(key=f"size_{key}").set_value(32)
     at.number_input(key=f"epochs_{key}").set_value(epochs)
     at.text_input(key=f"name_{key}").set_value("ui-tiny")
@@ -86,3 +92,24 @@ def test_radiologists_cannot_train(medai_home: Path):
     direct = page_as("train.py", "rad1")
     assert any("does not give access" in e.value for e in direct.error)
     assert not any(b.label == "Start training" for b in direct.button)
+
+
+def test_one_process_where_there_is_at_most_one_gpu(medai_home: Path):
+    at = train_page()
+    shown = next(n for n in at.number_input if n.label == "GPUs (processes)")
+    assert shown.value == 1 and shown.disabled == (not torch.cuda.is_available() or
+                                                   torch.cuda.device_count() < 2)
+
+
+def test_a_multi_gpu_machine_launches_a_data_parallel_run(medai_home: Path, monkeypatch):
+    # the page asks torch how many GPUs there are; pretend 4 so that it offers data-parallel training,
+    # which then really runs as 2 torchrun processes (gloo on this CPU machine)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    at = launch_tiny(train_page(), epochs=1, gpus=2, lr_scaling="linear")
+    assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
+    at = rerun_until(at, "finished")
+    run = jobs.list_jobs()[0]
+    records = [r for r in read_progress(run.run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    assert records and records[0]["world_size"] == 2 and records[0]["shards_overlap"] == 0
+    assert read_card(run.run_dir / "best.safetensors")["distributed"]["lr_scaling"] == "linear"
+    assert any("Data-parallel on 2 processes" in c.value for c in at.caption)
