@@ -57,6 +57,26 @@ def test_nih_split_is_by_patient_and_seeded():
     assert {r.patient_id for r in other.split("val")} != val
 
 
+def test_nih_official_test_list_is_the_test_split(tmp_path: Path):
+    """The full NIH download ships test_list.txt: those images are "test", train/val come from the rest."""
+    src = need("nih-cxr14-sample")
+    (tmp_path / "images").mkdir()
+    with open(src / "Data_Entry_2017_v2020.csv") as fh:
+        rows = list(csv.DictReader(fh))[:120]
+    for r in rows:
+        (tmp_path / "images" / r["Image Index"]).symlink_to(src / "images" / r["Image Index"])
+    with open(tmp_path / "Data_Entry_2017_v2020.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    test_names = [r["Image Index"] for r in rows[::4]]
+    (tmp_path / "test_list.txt").write_text("\n".join(test_names) + "\n")
+    recset = load_records(DataConfig(root=str(tmp_path), val_fraction=0.2))
+    assert sorted(r.id for r in recset.split("test")) == sorted(test_names)
+    assert len(recset.split("train")) + len(recset.split("val")) == 90 and recset.split("val")
+    assert recset.notes["official_test_list"] == 30
+
+
 def test_kermany_folder_layout_patients_from_file_names():
     recset = load_records(DataConfig(root=str(need("kermany-pneumonia")), patient_regex=KERMANY_PATIENT))
     assert recset.kind == "multiclass" and recset.labels == ["NORMAL", "PNEUMONIA"]

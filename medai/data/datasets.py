@@ -170,8 +170,19 @@ def _load_nih(root: Path, cfg: DataConfig) -> RecordSet:
                                   patient_id=str(row["Patient ID"])))
     if missing:
         log.warning("%s: %d rows of %s have no image file and were skipped", root, missing, table.name)
-    return RecordSet(labels, "multilabel", records, str(root), "nih",
-                     notes={"rows_without_image": missing, "unknown_findings": dict(unknown)})
+    notes: dict[str, Any] = {"rows_without_image": missing, "unknown_findings": dict(unknown)}
+    official = root / "test_list.txt"
+    if official.is_file():
+        # NIH's own patient-disjoint test list: those images are the "test" split; train and val are drawn
+        # by patient from the rest (train_val_list.txt), so published numbers stay comparable
+        test_names = set(official.read_text().split())
+        rest = [r for r in records if r.id not in test_names]
+        for r in records:
+            if r.id in test_names:
+                r.split = "test"
+        assign_patient_splits(rest, cfg.val_fraction, 0.0, cfg.split_seed)
+        notes["official_test_list"] = len(records) - len(rest)
+    return RecordSet(labels, "multilabel", records, str(root), "nih", notes=notes)
 
 
 def _load_folder(root: Path, cfg: DataConfig) -> RecordSet:
