@@ -95,7 +95,9 @@ def test_two_gloo_processes_train_on_disjoint_shards_and_agree_with_one_process(
 
 @pytest.mark.timeout(400)
 def test_a_distributed_run_cancels_on_every_rank_and_resumes_on_two_processes(tmp_path, medai_home):
-    config = nih_config(tmp_path, epochs=60, lr_scaling="linear")
+    # AMP (bf16 autocast on CPU) and channels-last run the same under DDP; SyncBatchNorm is CUDA-only
+    config = nih_config(tmp_path, epochs=60, lr_scaling="linear", amp="bf16", channels_last=True,
+                        sync_batchnorm=True)
     proc = subprocess.Popen([sys.executable, "-m", "medai", "train", "--config", str(config), "--nproc-per-node",
                              "2", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -109,6 +111,8 @@ def test_a_distributed_run_cancels_on_every_rank_and_resumes_on_two_processes(tm
     out, _ = proc.communicate(timeout=150)  # both ranks stop: torchrun returns
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "cancelled", out[-2000:]
+    assert status["precision"] == "bf16" and status["world_size"] == 2
+    assert "sync_batchnorm needs CUDA" in (run_dir / "train.log").read_text()
     done = len(epochs(run_dir))
     assert 1 <= done < 60
 
@@ -124,6 +128,7 @@ def test_a_distributed_run_cancels_on_every_rank_and_resumes_on_two_processes(tm
     assert records[-1]["world_size"] == 2 and records[-1]["shards_overlap"] == 0
     card = read_card(run_dir / "best.safetensors")["distributed"]
     assert card["effective_lr"] == pytest.approx(2 * card["base_lr"])  # linear rule: x2 for 2 processes
+    assert card["sync_batchnorm"] is False and card["backend"] == "gloo"
     # a resume cannot silently change the process count
     again = run_cli("train", "--resume", str(run_dir), "--nproc-per-node", "1")
     assert again.returncode == 2 and "same number" in again.stderr
