@@ -39,7 +39,13 @@ def main() -> None:
     print(table(results, ["view", "images", "lung fields found", "CTR AUROC", "cardiomegaly", "no finding",
                           "median CTR cardio", "median CTR normal"]))
     others = []
-    for name, files in (("brain-tumor-mri (all 994)", sorted((DATA / "brain-tumor-mri").rglob("*.jpg"))),
+    mri = DATA / "brain-tumor-mri"
+    for name, files in (("brain MRI glioma + meningioma (used to choose MAX_DARK_FRAME)",
+                         sorted(mri.glob("glioma/*.jpg")) + sorted(mri.glob("meningioma/*.jpg"))),
+                        ("brain MRI notumor + pituitary (held out)",
+                         sorted(mri.glob("notumor/*.jpg")) + sorted(mri.glob("pituitary/*.jpg"))),
+                        ("nih-cxr14-train-224, first 600 (chest)",
+                         sorted((DATA / "nih-cxr14-train-224" / "images").glob("*"))[:600]),
                         ("kermany-pneumonia val (chest, paediatric)", sorted((DATA / "kermany-pneumonia/val").rglob("*.jpeg")))):
         accepted = sum(segment_chest(decode_image(f).pixels).applicable for f in files)
         others.append([name, len(files), f"{accepted / len(files):.1%}"])

@@ -174,8 +174,9 @@ def test_anatomy_refuses_non_chest_inputs():
     an_mr = segment_chest(decode_image(need("dicom/siim_cxr_pa_mono2.dcm")).pixels, modality="MR")
     assert not an_mr.applicable and "MR" in an_mr.reason
     mri = sorted(need("brain-tumor-mri").rglob("*.jpg"))[::25]
-    refused = sum(not segment_chest(decode_image(f).pixels).applicable for f in mri)
-    assert refused >= 0.7 * len(mri)  # known limitation: some MRI slices pass the shape priors
+    results = [segment_chest(decode_image(f).pixels) for f in mri]
+    assert sum(not a.applicable for a in results) >= 0.9 * len(mri)  # ~2% still pass (benchmarks/anatomy.py)
+    assert sum("dark background" in a.reason for a in results) >= 0.8 * len(mri)  # the slice is framed in black
 
 
 def test_overlay_keeps_the_image_and_draws_contours():
@@ -210,23 +211,23 @@ def test_explain_cli_writes_overlays_and_json(tmp_path: Path, trained):
 
 
 def test_ctr_separates_cardiomegaly_from_normal_pa_films():
-    """On real NIH PA films the CTR ranks Cardiomegaly above No Finding (full numbers: benchmarks/)."""
+    """On real NIH PA films the CTR ranks Cardiomegaly above No Finding (table: benchmarks/anatomy.py)."""
     import csv
 
     from sklearn.metrics import roc_auc_score
 
     root = need("nih-cxr14-sample")
     rows = [r for r in csv.DictReader(open(root / "Data_Entry_2017_v2020.csv")) if r["View Position"] == "PA"]
-    cardio = [r for r in rows if "Cardiomegaly" in r["Finding Labels"].split("|")][:25]
-    normal = [r for r in rows if r["Finding Labels"] == "No Finding"][:25]
+    cardio = [r for r in rows if "Cardiomegaly" in r["Finding Labels"].split("|")]
+    normal = [r for r in rows if r["Finding Labels"] == "No Finding"]
     ctr, y = [], []
     for r in cardio + normal:
         anatomy = segment_chest(decode_image(root / "images" / r["Image Index"]).pixels, view="PA")
         if anatomy.applicable and anatomy.ctr is not None:
             ctr.append(anatomy.ctr)
             y.append(r in cardio)
-    assert len(y) >= 45
-    assert roc_auc_score(y, ctr) >= 0.75
+    assert len(y) >= 0.95 * len(cardio + normal)
+    assert roc_auc_score(y, ctr) >= 0.80  # the issue's target, on all Cardiomegaly / No Finding PA films
 
 
 def test_cam_copies_are_per_thread_and_follow_weight_changes():
