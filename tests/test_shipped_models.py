@@ -64,3 +64,17 @@ def test_pneumonia_models_separate_real_val_images(path: Path):
     column = predictor.labels.index("PNEUMONIA")
     probs = [p.probabilities[column] for p in predictor.predict_many(normal + pneumonia)]
     assert roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(pneumonia))], probs) >= 0.9
+
+
+def test_cards_name_the_body_part_and_a_brain_model_never_gets_chest_anatomy():
+    from medai.data.io import decode_image
+    from medai.explain.anatomy import segment_chest
+    from medai.explain.explainer import explain
+
+    parts = {p.stem: read_card(p)["task"].get("body_part") for p in SHIPPED}
+    assert all(part == ("brain" if stem.startswith("brain") else "chest") for stem, part in parts.items()), parts
+    # an MRI slice that the chest checks alone would accept (the ~2% whose head reaches the border)
+    slices = sorted(need("brain-tumor-mri").rglob("*.jpg"))
+    image = next(im for im in map(decode_image, slices) if segment_chest(im.pixels).applicable)
+    result = explain(Predictor(ROOT / "models" / "brain-mri-hybrid.safetensors"), image)
+    assert not result.anatomy.applicable and "brain" in result.anatomy.reason and not result.shares

@@ -72,7 +72,11 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
                         softmax=predictor.kind == "multiclass")
     timings["heatmaps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
+    model_part = predictor.ckpt.card.get("task", {}).get("body_part")
+    if model_part and model_part.lower() != "chest" and not image.meta.body_part:
+        anatomy = ChestAnatomy(False, f"anatomy maps apply to chest X-rays; this model reads {model_part} images")
+    else:
+        anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
     timings["anatomy"] = time.perf_counter() - t0
     heatmaps = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
     result = Explanation(predictor.labels, probs, predictor.thresholds, method, heatmaps, anatomy,
