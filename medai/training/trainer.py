@@ -191,7 +191,8 @@ class Trainer:
         try:
             for epoch in range(state["epoch"], t.epochs):
                 net = self._set_stage(model, epoch)
-                torch.manual_seed(t.seed * 1000 + epoch)
+                # per rank: each process draws its own augmentation and dropout (rank 0 = one process)
+                torch.manual_seed(t.seed * 1000 + epoch + 7919 * ctx.rank)
                 started = time.perf_counter()
                 seen: list[str] | None = [] if ctx.enabled else None
                 result = train_one_epoch(net, self._loader(train, True, epoch), optimizer, loss_fn,
