@@ -19,7 +19,7 @@ from medai.explain.explainer import Explanation, explain
 from medai.explain.overlay import render_overlay, to_png
 from medai.inference import Predictor
 from medai.store import Store, User
-from medai.ui.widgets import (available_models, cached_predictor, model_label, probability_chart,
+from medai.ui.widgets import (available_models, cached_predictor, model_label, plain, probability_chart,
                               shares_chart)
 
 
@@ -41,7 +41,7 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
             except MedaiError as exc:
                 cache[key] = str(exc)
         if isinstance(cache[key], str):
-            st.error(cache[key], icon=":material/error:")
+            st.error(plain(cache[key]), icon=":material/error:")  # quotes the upload's file name
         else:
             out.append(cache[key])
     return out
@@ -142,9 +142,9 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]) -
 def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None:
     warning = chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)
     if warning:
-        st.warning(warning, icon=":material/warning:")
+        st.warning(plain(warning), icon=":material/warning:")
     if not exp.anatomy.applicable:
-        st.info(f"No anatomy map: {exp.anatomy.reason}")
+        st.info(f"No anatomy map: {plain(exp.anatomy.reason)}")  # may quote DICOM tags
         return
     if float(exp.heatmaps[finding].max()) <= 0:
         st.info(f"{exp.method} finds no positive evidence for {finding} at the model's last layer (the heatmap "
@@ -191,7 +191,7 @@ def render_analyze(user: User) -> None:
     rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
     left, right = st.columns(2)
     with left:
-        st.subheader(analysis.file_name)
+        st.subheader(plain(analysis.file_name))
         shown = _image_panel(analysis)
     with right:
         st.subheader("Findings")

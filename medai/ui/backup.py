@@ -7,6 +7,7 @@ import streamlit as st
 from medai import backup
 from medai.errors import MedaiError
 from medai.store import Store, User
+from medai.ui.widgets import plain
 
 
 def _progress_callback(bar):
@@ -23,7 +24,7 @@ def _create(admin: User, db: Store) -> None:
             try:
                 path = backup.create(admin.username, label, large, _progress_callback(bar))
             except MedaiError as exc:
-                st.error(str(exc))
+                st.error(plain(exc))
                 return
             db.audit(admin.username, "backup_created", name=path.name)
             st.success(f"Created and verified {path.name} ({path.stat().st_size / 2**20:.1f} MB).")
@@ -37,10 +38,10 @@ def _act_on(admin: User, db: Store, infos: list[backup.BackupInfo]) -> None:
         try:
             manifest = backup.verify(path)
             db.audit(admin.username, "backup_verified", name=name)
-            st.success(f"{name}: all {len(manifest['files'])} files match their SHA-256.")
+            st.success(f"{plain(name)}: all {len(manifest['files'])} files match their SHA-256.")
         except MedaiError as exc:
             db.audit(admin.username, "backup_verify_failed", name=name)
-            st.error(str(exc))
+            st.error(plain(exc))  # may quote archive member names
     c2.download_button("Download", lambda: path.read_bytes(), name, "application/gzip", on_click="ignore",
                        icon=":material/download:")
     if c3.button("Delete", icon=":material/delete:"):
@@ -53,7 +54,7 @@ def _act_on(admin: User, db: Store, infos: list[backup.BackupInfo]) -> None:
         try:
             safety = backup.restore(path, admin.username, _progress_callback(bar))
         except MedaiError as exc:
-            st.error(f"Nothing was changed: {exc}")
+            st.error(f"Nothing was changed: {plain(exc)}")
             return
         db.audit(admin.username, "backup_restored", name=name, pre_restore=safety.name)
         st.success(f"Restored {name}. The state before it is kept in {safety.name}.")

@@ -8,7 +8,7 @@ import json
 import streamlit as st
 
 from medai.store import Store, User
-from medai.ui.widgets import probability_chart
+from medai.ui.widgets import plain, probability_chart
 
 
 def _when(ts: float) -> str:
@@ -39,8 +39,9 @@ def render_history(user: User) -> None:
     pick = st.selectbox("Open analysis", ids, index=chosen[0] if chosen else 0,
                         format_func=lambda i: next(f"#{r['id']} {r['time']} {r['file']}" for r in rows if r["id"] == i))
     entry = entries[ids.index(pick)]
-    st.subheader(f"#{entry.id}: {entry.file_name}")
-    st.caption(f"{_when(entry.ts)} by {entry.username} with {entry.model} (model sha256 {entry.model_sha256[:12]})")
+    st.subheader(f"#{entry.id}: {plain(entry.file_name)}")
+    st.caption(f"{_when(entry.ts)} by {plain(entry.username)} with {plain(entry.model)} "
+               f"(model sha256 {entry.model_sha256[:12]})")
     left, right = st.columns(2)
     pixels = db.history_pixels(entry.id) if entry.has_pixels else None
     if pixels:

@@ -17,7 +17,7 @@ from medai.evaluation.runner import Evaluation, evaluate_checkpoint, stored_eval
 from medai.models.checkpoint import load_checkpoint
 from medai.store import User
 from medai.ui.train import datasets
-from medai.ui.widgets import available_models
+from medai.ui.widgets import available_models, plain
 
 OWN_VALIDATION = "each model's own validation split"
 
@@ -131,7 +131,7 @@ def render_metrics(user: User) -> None:
         try:
             results[name] = (entry, evaluation_for(entry, data_choice, split))
         except MedaiError as exc:
-            st.error(f"{name}: {exc}")
+            st.error(plain(f"{name}: {exc}"))
     if len(results) > 1:
         st.subheader("Comparison")
         rows = [{"model": n, "architecture": e.card["architecture"], "images": ev.metrics["n"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -9,6 +10,17 @@ import streamlit as st
 
 from medai.catalog import ModelEntry, list_models
 from medai.inference import Predictor
+
+
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#|~$:!])")
+
+
+def plain(text: object) -> str:
+    """Text from outside (file names, DICOM tags, user names, error messages that quote them) made safe
+    to put into Streamlit's Markdown: every character that could start emphasis, a link, an image, HTML,
+    a directive (``:red[...]``), an emoji short code or LaTeX is backslash-escaped, and line breaks become
+    spaces, so it is shown exactly as written."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading model...")

@@ -173,3 +173,26 @@ def test_admin_creates_an_api_token_shown_once_then_revokes_it(medai_home: Path)
     with pytest.raises(auth.AuthError):
         auth.user_for_token(db, token)
     assert [e["action"] for e in db.audit_log(2)] == ["token_revoked", "token_created"]
+
+
+def test_file_names_and_dicom_tags_are_shown_as_text_not_markdown(medai_home: Path):
+    """A crafted file name or DICOM tag must not become a link, emphasis or a Streamlit directive."""
+    import io
+
+    import pydicom
+
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    crafted = "**x**[click](https://evil.example) :red[y].png"
+    at = _analyze_upload(at, crafted, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")
+    shown = at.error[0].value
+    assert r"\*\*x\*\*\[click\]\(https\:" in shown and r"\:red\[y\]" in shown and "[click](" not in shown
+
+    ds = pydicom.dcmread(need("dicom/siim_cxr_pa_mono2.dcm"))
+    ds.BodyPartExamined = "*SKULL*[A](B)"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    at = _analyze_upload(at, "tagged.dcm", buf.getvalue(), "application/dicom")
+    assert not at.exception
+    infos = [i.value for i in at.info if "No anatomy map" in i.value]
+    assert infos and r"\*SKULL\*\[A\]\(B\)" in infos[0] and "*SKULL*" not in infos[0]
