@@ -216,8 +216,12 @@ def list_backups() -> list[BackupInfo]:
 
 
 def resolve(name: str | Path) -> Path:
+    """An archive by bare name in the backups folder (nothing relative may climb out of it), or by an
+    absolute path (the CLI)."""
     path = Path(name)
     if not path.is_absolute():
+        if len(path.parts) != 1:
+            raise BackupError(f"{str(name)!r}: name a backup by its file name only (see backup list)")
         path = backups_dir() / path
     if not NAME_RE.match(path.name) or not path.is_file():
         raise BackupError(f"no backup named {Path(name).name} in {backups_dir()}")

@@ -182,3 +182,20 @@ def test_prune_keeps_the_newest(installation: Path):
     assert [i.name for i in backup.list_backups()] == [made[2].name]
     with pytest.raises(backup.BackupError):
         backup.prune()
+
+
+def test_a_relative_backup_name_cannot_climb_out_of_the_backups_folder(installation: Path, tmp_path: Path):
+    archive = backup.create("admin1")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    copy = outside / archive.name
+    copy.write_bytes(archive.read_bytes())
+    climbing = os.path.relpath(copy, backup.backups_dir())  # ../../elsewhere/medai-....tar.gz
+    assert ".." in climbing
+    for name in (climbing, f"sub/{archive.name}", f"../{backup.backups_dir().name}/{archive.name}"):
+        with pytest.raises(backup.BackupError, match="file name only"):
+            backup.resolve(name)
+        with pytest.raises(backup.BackupError):
+            backup.delete(name)
+    assert copy.is_file() and archive.is_file()
+    assert backup.resolve(archive.name) == archive and backup.resolve(copy) == copy  # bare name / absolute
