@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed.under_torchrun():
         launch = _torchrun_launch(args)
         if launch:
-            print(distributed.format_command(launch), flush=True)
+            print(shlex.join(launch), flush=True)
             if args.print_command:
                 return 0
             os.execv(launch[0], launch)  # same pid: the job system keeps tracking the run

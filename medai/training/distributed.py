@@ -21,7 +21,6 @@ import datetime as dt
 import hashlib
 import math
 import os
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -161,10 +160,6 @@ def torchrun_command(nproc: int, medai_args: list[str]) -> list[str]:
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
     return [*launcher, "--standalone", f"--nproc-per-node={nproc}", "-m", "medai", *medai_args]
-
-
-def format_command(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
 
 
 def check_nproc(nproc: int, device: torch.device) -> None:
