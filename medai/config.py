@@ -201,7 +201,11 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    tree = yaml.safe_load(yaml.safe_dump(tree or {}))  # deep copy
+    try:
+        tree = yaml.safe_load(yaml.safe_dump(tree or {}))  # deep copy
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"config holds values that are not plain YAML data, or nests too deeply ({type(exc).__name__})"
+                          ) from None
     for override in overrides or []:
         _apply_override(tree, override)
     cfg = _build(ExperimentConfig, tree, "")
@@ -219,6 +223,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} nests lists or mappings too deeply to be a MedAI config") from None
     return config_from_dict(tree, overrides)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,11 +213,16 @@ def _load_csv(root: Path, cfg: DataConfig) -> RecordSet:
     table = root if root.is_file() else _find_csv(root, cfg, "labels.csv")
     base = table.parent
     pattern = _compile(cfg.patient_regex)
-    with open(table, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_table(table)
     if not rows or "path" not in rows[0] or "labels" not in rows[0]:
         raise DatasetError(f"{table}: a CSV dataset needs the columns 'path' and 'labels' "
                            "(labels joined by '|'); optional 'patient_id' and 'split'")
+    for line, row in enumerate(rows, start=2):
+        if not (row.get("path") or "").strip() or row.get("labels") is None or None in row:
+            raise DatasetError(f"{table}, line {line}: every row needs a non-empty 'path' and a 'labels' cell "
+                               "(and no more cells than the header has columns)")
+        if "\0" in row["path"]:
+            raise DatasetError(f"{table}, line {line}: the path holds a NUL character")
     per_row = [[s for s in r["labels"].split("|") if s] for r in rows]
     labels = sorted({lab for labs in per_row for lab in labs})
     kind: TaskKind = "multilabel" if any(len(labs) != 1 for labs in per_row) else "multiclass"
@@ -234,16 +240,64 @@ def _load_csv(root: Path, cfg: DataConfig) -> RecordSet:
     return RecordSet(labels, kind, records, str(table), "csv")
 
 
+def _read_table(table: Path) -> list[dict[str, str]]:
+    """All rows of a UTF-8 CSV label table, or a DatasetError that says why it cannot be read."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:
+            return list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{table}: not a UTF-8 text file (byte {exc.start}); save the label table as "
+                           "UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{table}: not a readable CSV file ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{table}: cannot be read ({exc.strerror or exc})") from None
+
+
+MAX_CLASSES = 1000
+
+
+def _check_npz_labels(file: Path, split: str, arr: np.ndarray, multilabel: bool) -> None:
+    """MedMNIST labels: (N,) or (N, 1) class indices, or (N, C) 0/1 flags; anything else is refused before
+    it can size an array (a label of 2**40 would otherwise allocate terabytes)."""
+    where = f"{file}: {split}_labels"
+    if arr.size == 0 or arr.ndim not in (1, 2):
+        raise DatasetError(f"{where} has shape {arr.shape}; expected (N,), (N, 1) or (N, classes) with N > 0")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or arr.dtype == np.bool_):
+        raise DatasetError(f"{where} holds {arr.dtype} values; expected numbers")
+    values = arr.astype(np.float64)
+    if not np.isfinite(values).all() or (values != np.round(values)).any():
+        raise DatasetError(f"{where} holds values that are not whole numbers (NaN, inf or fractions)")
+    if multilabel and not np.isin(values, (0, 1)).all():
+        raise DatasetError(f"{where}: a multi-label table must hold only 0 and 1")
+    if not multilabel and (values.min() < 0 or values.max() >= MAX_CLASSES):
+        raise DatasetError(f"{where}: class indices must be between 0 and {MAX_CLASSES - 1} "
+                           f"(found {values.min():.0f} to {values.max():.0f})")
+    if multilabel and arr.shape[1] > MAX_CLASSES:
+        raise DatasetError(f"{where}: {arr.shape[1]} label columns is more than {MAX_CLASSES}")
+
+
 def _load_npz(root: Path, cfg: DataConfig) -> RecordSet:
-    file = root if root.is_file() else sorted(root.glob("*.npz"))[0]
-    with np.load(file) as npz:
-        keys = set(npz.files)
-        splits = [s for s in SPLIT_NAMES if f"{s}_images" in keys and f"{s}_labels" in keys]
-        if not splits:
-            raise DatasetError(f"{file}: expected MedMNIST keys like train_images / train_labels")
-        label_arrays = {s: np.asarray(npz[f"{s}_labels"]) for s in splits}
+    found = [root] if root.is_file() else sorted(root.glob("*.npz"))
+    if not found:
+        raise DatasetError(f"{root}: no .npz file (MedMNIST format) in this folder")
+    file = found[0]
+    try:
+        with np.load(file) as npz:  # allow_pickle stays False: an .npz cannot run code
+            keys = set(npz.files)
+            splits = [s for s in SPLIT_NAMES if f"{s}_images" in keys and f"{s}_labels" in keys]
+            if not splits:
+                raise DatasetError(f"{file}: expected MedMNIST keys like train_images / train_labels")
+            label_arrays = {s: np.asarray(npz[f"{s}_labels"]) for s in splits}
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{file}: not a readable .npz archive ({exc})") from None
     first = label_arrays[splits[0]]
     multilabel = first.ndim == 2 and first.shape[1] > 1
+    for s, arr in label_arrays.items():
+        _check_npz_labels(file, s, arr, multilabel)
     n_classes = first.shape[1] if multilabel else int(max(a.max() for a in label_arrays.values())) + 1
     labels = cfg.labels if (cfg.labels and len(cfg.labels) == n_classes) else [
         f"class_{i}" for i in range(n_classes)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ def decode_image(source: str | os.PathLike | bytes, limits: DecodeLimits = DEFAU
         raise ImageTooLargeError(f"{label}: file is {len(data) / 2**20:.0f} MB, above the "
                                  f"{limits.max_file_bytes / 2**20:.0f} MB limit; export a smaller image")
     if not data:
-        raise CorruptImageError(f"{label}: the file is empty")
+        raise CorruptImageError(f"{label}: the file is empty (0 bytes); upload or export the image again")
     kind = sniff_format(data[:132])
     if kind is None:
         raise UnsupportedFormatError(
@@ -187,25 +188,59 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 
 def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage:
     import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
+    damaged = (InvalidDicomError, BytesLengthException, EOFError, OSError, ValueError, KeyError, TypeError,
+               struct.error, NotImplementedError, ArithmeticError, IndexError, AttributeError)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    except damaged as exc:
         raise CorruptImageError(f"{label}: the DICOM file is damaged and cannot be read ({exc})") from None
     if any("End of file reached" in str(w.message) for w in caught):
         raise CorruptImageError(f"{label}: the DICOM file is truncated (it ends inside an element); "
                                 "copy it again from the PACS or modality")
+    try:
+        return _interpret_dicom(ds, label, limits)
+    except ImageDecodeError:
+        raise
+    except damaged as exc:
+        # pydicom parses elements lazily, so a damaged header surfaces here, on first access
+        raise CorruptImageError(f"{label}: the DICOM header is damaged and cannot be interpreted "
+                                f"({type(exc).__name__}: {exc}); copy it again from the PACS or modality") from None
+
+
+def _count(ds: Any, keyword: str, default: int, label: str) -> int:
+    """A DICOM element that must hold one non-negative whole number (Rows, Columns, NumberOfFrames...)."""
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)  # a multi-valued element (a list) raises TypeError
+    except (TypeError, ValueError, OverflowError):
+        number = float("nan")
+    if not (np.isfinite(number) and number >= 0 and number == int(number)):
+        raise CorruptImageError(f"{label}: the DICOM element {keyword} should be one whole number, not "
+                                f"{str(value)[:40]!r}; the file's header is damaged")
+    return int(number)
+
+
+def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if any(k in ds for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")):
+            raise DicomNoPixelDataError(
+                f"{label}: this DICOM object holds no image data although its header describes an image "
+                "(no Pixel Data element after the image attributes): the file is probably truncated or was "
+                "exported without its pixels; copy it again from the PACS or modality")
         raise DicomNoPixelDataError(
             f"{label}: this DICOM object holds no image (no Pixel Data element; it may be a report, "
             "structured report or presentation state); export the image series instead")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, cols = _count(ds, "Rows", 0, label), _count(ds, "Columns", 0, label)
     _check_size(cols, rows, label, limits)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = max(1, _count(ds, "NumberOfFrames", 1, label))
     try:
         arr = ds.pixel_array if frames == 1 else _first_frame(ds)
     except Exception as exc:  # pydicom raises many types for bad pixel data / missing decoders
@@ -215,27 +250,46 @@ def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage
             f"{label}: the DICOM pixel data cannot be decoded (transfer syntax: {syntax_name}; {exc})"
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    notes: list[str] = []
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (RGB / YBR converted by pydicom)
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         windowed = False
     elif arr.ndim != 2:
         raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
     else:
-        arr = apply_modality_lut(arr, ds)
-        has_voi = any(k in ds for k in ("WindowCenter", "VOILUTSequence"))
-        if has_voi:
-            arr = apply_voi_lut(arr, ds)
-        windowed = has_voi
+        arr, windowed = _apply_luts(arr, ds, notes, apply_modality_lut, apply_voi_lut)
     arr = _minmax(np.asarray(arr, dtype=np.float32))
     if photometric == "MONOCHROME1":
         arr = 1.0 - arr
+    bits = _count(ds, "BitsStored", 8, label) if "BitsStored" in ds else 8
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     meta = ImageMeta(
-        source_format="dicom", width=cols, height=rows, bits=int(ds.get("BitsStored", 8) or 8),
+        source_format="dicom", width=int(arr.shape[1]), height=int(arr.shape[0]), bits=bits,
         photometric=photometric, view=_clean(ds.get("ViewPosition")), modality=_clean(ds.get("Modality")),
         body_part=_clean(ds.get("BodyPartExamined")), windowed=windowed,
-        extra={"frames": frames, "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", ""))},
+        extra={"frames": frames, "transfer_syntax": syntax, **({"warnings": notes} if notes else {})},
     )
     return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+
+
+def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str], modality_lut: Any, voi_lut: Any) -> tuple[np.ndarray, bool]:
+    """Rescale and window as the file says; a malformed LUT or window is skipped with a note, not fatal:
+    the min-max normalisation that follows still shows the image, which is what a viewer would do."""
+    try:
+        arr = modality_lut(arr, ds)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+        notes.append(f"modality rescale ignored (malformed: {exc})")
+    if not any(k in ds for k in ("WindowCenter", "VOILUTSequence")):
+        return arr, False
+    try:
+        windowed = voi_lut(arr, ds)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+        notes.append(f"window / VOI LUT ignored (malformed: {exc})")
+        return arr, False
+    if not np.all(np.isfinite(np.asarray(windowed, dtype=np.float64))):
+        notes.append("window / VOI LUT ignored (it gives non-finite values)")
+        return arr, False
+    return windowed, True
 
 
 def _first_frame(ds: Any) -> np.ndarray:
