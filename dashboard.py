@@ -8,6 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from medai import backup
 from medai.auth import can_open
 from medai.ui.session import configure_page, current_user, login_view, sidebar_account
 
@@ -24,6 +25,9 @@ NAVIGATION = [
 ]
 
 configure_page()
+recovered = backup.recover_interrupted()  # a restore killed half way is undone before anything reads the files
+if recovered:
+    st.warning(f"Recovered after an interruption: {recovered}.", icon=":material/build:")
 user = current_user()
 if user is None:
     st.navigation([st.Page(login_view, title="Sign in", icon=":material/login:", url_path="login")],

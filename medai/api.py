@@ -46,7 +46,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medai import __version__, auth
+from medai import __version__, auth, backup
 from medai.analysis import analyze_bytes, chest_check, result_dict
 from medai.catalog import ModelEntry, default_index, list_models
 from medai.data.io import DecodeLimits, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
@@ -253,6 +253,9 @@ class Caller:
 def create_app(settings: ApiSettings | None = None, store: Store | None = None, preload: bool = True) -> FastAPI:
     """The API application. ``preload`` loads the default model at start-up (readiness waits for it)."""
     settings = settings or ApiSettings.from_env()
+    recovered = backup.recover_interrupted()  # a restore killed half way is undone before anything reads the files
+    if recovered:
+        log.warning("recovered after an interruption: %s", recovered)
     store = store or Store()
     pool = ModelPool(DecodeLimits(max_file_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
     limiter = RateLimiter(settings.rate_per_min)

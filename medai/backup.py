@@ -14,7 +14,9 @@ online backup API.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import json
@@ -24,13 +26,16 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
+import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import medai
+from medai import atomic
 from medai.errors import MedaiError
 from medai.paths import medai_home
 from medai.store import MIGRATIONS, Store
@@ -104,22 +109,81 @@ def _snapshot_db(target: Path) -> None:
         src.close()
 
 
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def exclusive(action: str, actor: str, wait_s: float = 900.0) -> Iterator[str | None]:
+    """Serialize backups, restores, deletes and prunes across threads (dashboard sessions) and processes
+    (CLI, another dashboard) with an advisory lock on backups/.lock; re-entrant within one thread, so a
+    restore can take its own pre-restore backup. Waits up to ``wait_s`` for the holder, then refuses.
+    Yields what :func:`_clear_leftovers` found to recover (a message) or None."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield None
+        finally:
+            _held.depth -= 1
+        return
+    folder = backups_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / ".lock", "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise BackupError(f"cannot {action}: the backups folder {folder} is not writable "
+                          f"({exc.strerror or exc})") from None
+    with fh:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another process"
+                    raise BackupError(f"cannot {action}: {holder} is still running; try again when it has "
+                                      "finished") from None
+                time.sleep(0.2)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"a {action} by {actor} (pid {os.getpid()}, since {dt.datetime.now():%H:%M:%S})")
+        fh.flush()
+        _held.depth = 1
+        try:
+            yield _clear_leftovers()
+        finally:
+            _held.depth = 0
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def create(creator: str, label: str = "", include_large: bool = False, progress: Progress | None = None) -> Path:
     """Write and verify a new archive; returns its path. Nothing is listed unless it is complete."""
-    progress = progress or (lambda _f, _m: None)
+    with exclusive("backup", creator):
+        return _create(creator, label, include_large, progress or (lambda _f, _m: None))
+
+
+def _create(creator: str, label: str, include_large: bool, progress: Progress) -> Path:
     out_dir = backups_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     label = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")
-    final = out_dir / f"medai-backup-{stamp}{'-' + label if label else ''}.tar.gz"
-    if final.exists():
-        raise BackupError(f"{final.name} already exists; wait a second and try again")
+    while True:  # one archive per second and label: a second one in the same second waits for the next
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        final = out_dir / f"medai-backup-{stamp}{'-' + label if label else ''}.tar.gz"
+        if not final.exists():
+            break
+        time.sleep(0.25)
     partial = out_dir / f".{final.name}.partial"
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".snapshot-") as tmp:
         db_copy = Path(tmp) / "medai.db"
         try:
             progress(0.0, "copying the database")
-            _snapshot_db(db_copy)
+            try:
+                _snapshot_db(db_copy)
+            except sqlite3.Error as exc:
+                raise BackupError(f"backup failed: the database could not be copied ({exc})") from None
             members = [*_collect(include_large), (DB_MEMBER, db_copy)]
             entries = []
             with tarfile.open(partial, "w:gz", compresslevel=6) as tar:
@@ -155,20 +219,32 @@ def _safe_name(name: str) -> bool:
         and "\\" not in name
 
 
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The archive's manifest, checked for shape: a mapping whose ``files`` are {path, size, sha256}."""
     try:
         with tarfile.open(path, "r:gz") as tar:
             member = tar.getmember(MANIFEST)
-            return json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-    except (OSError, tarfile.TarError, KeyError, ValueError, EOFError) as exc:
+            if not member.isreg() or member.size > MAX_MANIFEST_BYTES:
+                raise BackupError(f"{path.name}: its manifest is not a regular file of at most 16 MB")
+            manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (OSError, tarfile.TarError, KeyError, ValueError, EOFError, zlib.error, RecursionError) as exc:
         raise BackupError(f"{path.name}: not a readable MedAI backup ({exc})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("size"), int) and not isinstance(e.get("size"), bool) for e in files):
+        raise BackupError(f"{path.name}: the manifest is damaged (it must list files with path, size and sha256)")
+    return manifest
 
 
 def verify(path: str | Path) -> dict[str, Any]:
     """Re-hash every member against the manifest; refuse unexpected, unsafe or missing members."""
     path = Path(path)
     manifest = read_manifest(path)
-    expected = {e["path"]: e for e in manifest.get("files", [])}
+    expected = {e["path"]: e for e in manifest["files"]}
     seen = set()
     try:
         with tarfile.open(path, "r:gz") as tar:
@@ -228,15 +304,21 @@ def resolve(name: str | Path) -> Path:
     return path
 
 
-def delete(name: str | Path) -> None:
-    resolve(name).unlink()
+def delete(name: str | Path, actor: str = "admin") -> None:
+    with exclusive("delete", actor):
+        resolve(name).unlink()
 
 
-def prune(keep_last: int | None = None, max_age_days: float | None = None) -> list[Path]:
+def prune(keep_last: int | None = None, max_age_days: float | None = None, actor: str = "admin") -> list[Path]:
     """Delete archives that no rule keeps: a rule keeps the newest ``keep_last`` and/or those newer than
     ``max_age_days``. Returns the deleted paths."""
     if keep_last is None and max_age_days is None:
         raise BackupError("prune needs keep_last and/or max_age_days")
+    with exclusive("prune", actor):
+        return _prune(keep_last, max_age_days)
+
+
+def _prune(keep_last: int | None, max_age_days: float | None) -> list[Path]:
     removed = []
     for i, info in enumerate(list_backups()):
         kept_by_count = keep_last is not None and i < keep_last
@@ -276,33 +358,108 @@ def _check_db(path: Path) -> None:
         raise BackupError(f"the backup's database has schema {version}, newer than this MedAI; upgrade first")
 
 
-def _swap_folders(staging: Path, home: Path) -> None:
-    """Rename each restored folder into place; on any error put every original back."""
-    old = home / f".restore-old-{os.getpid()}-{int(time.time())}"
+JOURNAL = ".restore-journal.json"
+
+
+def _swap_folders(staging: Path, home: Path, old: Path) -> None:
+    """Rename each restored folder into place, moving the current one under ``old``; on an error put every
+    original back (a kill -9 is undone by :func:`recover_interrupted` from the journal)."""
     old.mkdir()
-    moved: list[str] = []
     try:
         for folder in FOLDERS:
             if (home / folder).exists():
                 os.replace(home / folder, old / folder)
-            moved.append(folder)
             if (staging / folder).exists():
                 os.replace(staging / folder, home / folder)
             else:
                 (home / folder).mkdir()
     except BaseException:
-        for folder in moved:
+        _roll_back(old, home)
+        raise
+
+
+def _roll_back(old: Path, home: Path) -> None:
+    """Put the folders saved under ``old`` back in place of whatever a restore had moved in."""
+    for folder in FOLDERS:
+        if (old / folder).exists():
             if (home / folder).exists():
                 shutil.rmtree(home / folder)
-            if (old / folder).exists():
-                os.replace(old / folder, home / folder)
-        raise
+            os.replace(old / folder, home / folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted() -> str | None:
+    """Finish or undo a restore that a killed process left half done, and clear other leftovers of killed
+    backups. Called when the dashboard, the API or the CLI starts (cheap when there is nothing to do).
+    Returns what was done, which is also written to the audit log (action ``restore_interrupted``)."""
+    if not (medai_home() / JOURNAL).exists():
+        return None
+    try:
+        with exclusive("recovery", "medai", wait_s=0) as found:  # its own restore may still be running
+            return found
+    except BackupError:
+        return None
+
+
+def _database_copied(restore_id: Any) -> bool:
+    if not isinstance(restore_id, str):
+        return False
+    try:
+        applied = Store().audit_log(limit=20, action="restore_applied")
+    except MedaiError:
+        return False
+    return any(e["detail"].get("restore_id") == restore_id for e in applied)
+
+
+def _clear_leftovers() -> str | None:
+    """With the lock held nobody else is writing: partial archives and snapshots are a killed process's
+    leftovers, and a restore journal is an interrupted restore."""
+    for leftover in [*backups_dir().glob(".*.partial"), *backups_dir().glob(".snapshot-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return _recover_locked()
+
+
+def _recover_locked() -> str | None:
+    home = medai_home()
+    journal_path = home / JOURNAL
+    if not journal_path.exists():
+        return None
+    try:
+        journal = json.loads(journal_path.read_text())
+        old = home / PurePosixPath(str(journal["old"])).name
+    except (OSError, ValueError, KeyError, TypeError):
+        journal, old = {}, None
+    archive, actor = journal.get("archive", "?"), journal.get("actor")
+    if journal.get("phase") == "done" or _database_copied(journal.get("restore_id")):
+        # the restored database had committed, so the folders were all in place: only clean-up was left
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        message = (f"the restore of {archive} had completed when its process stopped; its clean-up was "
+                   "finished now")
+    else:
+        for candidate in [old] if old is not None else sorted(home.glob(".restore-old-*")):
+            if candidate.is_dir():
+                _roll_back(candidate, home)
+        message = (f"the restore of {archive} was interrupted before it completed; models, configs, results "
+                   f"and the database were put back as they were before it"
+                   f"{' (also kept in ' + journal['pre_restore'] + ')' if journal.get('pre_restore') else ''}")
+    for leftover in home.glob(".restore-staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    journal_path.unlink(missing_ok=True)
+    Store().audit(actor, "restore_interrupted", archive=archive, outcome=message)
+    return message
 
 
 def restore(name: str | Path, actor: str, progress: Progress | None = None) -> Path:
     """Restore an archive; returns the automatic pre-restore backup taken first."""
-    progress = progress or (lambda _f, _m: None)
+    with exclusive("restore", actor):
+        return _restore(name, actor, progress or (lambda _f, _m: None))
+
+
+def _restore(name: str | Path, actor: str, progress: Progress) -> Path:
     path = resolve(name)
     progress(0.0, "verifying the archive")
     manifest = verify(path)
@@ -317,13 +474,35 @@ def restore(name: str | Path, actor: str, progress: Progress | None = None) -> P
         if not db.is_file():
             raise BackupError(f"{path.name} holds no database")
         _check_db(db)
+        # a row that arrives in the live database only if the database copy below commits, so that a
+        # recovery after kill -9 can tell whether the restore reached its end
+        restore_id = uuid.uuid4().hex
+        Store(db).audit(actor, "restore_applied", archive=path.name, restore_id=restore_id)
         progress(0.8, "swapping in the restored files")
-        _swap_folders(staging, home)
-        src, dst = sqlite3.connect(db), sqlite3.connect(Store().path)
+        old = home / f".restore-old-{os.getpid()}-{int(time.time())}"
+        journal = {"archive": path.name, "actor": actor, "old": old.name, "pre_restore": safety.name,
+                   "restore_id": restore_id,
+                   "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "phase": "swap"}
+        atomic.write_json(home / JOURNAL, journal)  # from here on a kill -9 is undone at the next start
         try:
-            src.backup(dst)  # the live database is replaced page by page, safely for open connections
-        finally:
-            dst.close()
-            src.close()
+            _swap_folders(staging, home, old)  # puts the originals back itself if a rename fails
+        except OSError as exc:
+            (home / JOURNAL).unlink()
+            raise BackupError(f"restore failed and nothing was changed: {exc.strerror or exc}") from None
+        try:
+            src, dst = sqlite3.connect(db), sqlite3.connect(Store().path)
+            try:
+                src.backup(dst)  # page by page in one transaction: all or nothing, safe for open connections
+            finally:
+                dst.close()
+                src.close()
+        except (OSError, sqlite3.Error) as exc:
+            _roll_back(old, home)  # if this fails too, the journal stays and the next start finishes it
+            (home / JOURNAL).unlink()
+            raise BackupError(f"restore failed and nothing was changed: the database could not be replaced "
+                              f"({exc})") from None
+        atomic.write_json(home / JOURNAL, {**journal, "phase": "done"})
+        shutil.rmtree(old, ignore_errors=True)
+        (home / JOURNAL).unlink()
     progress(1.0, "done")
     return safety

@@ -339,11 +339,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         Store().audit(actor, "backup_restored", name=args.name, pre_restore=safety.name)
         print(f"restored {args.name}; the previous state is in {safety.name}")
     elif command == "delete":
-        backup.delete(args.name)
+        backup.delete(args.name, actor)
         Store().audit(actor, "backup_deleted", name=args.name)
         print(f"deleted {args.name}")
     elif command == "prune":
-        removed = backup.prune(args.keep_last, args.max_age_days)
+        removed = backup.prune(args.keep_last, args.max_age_days, actor)
         Store().audit(actor, "backup_pruned", names=[p.name for p in removed])
         print(f"pruned {len(removed)} archives")
     return 0
@@ -376,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = cmd_data_inspect if args.command == "data" else COMMANDS[args.command]
     try:
+        from medai.backup import recover_interrupted
+
+        recovered = recover_interrupted()  # a restore killed half way is undone before anything reads the files
+        if recovered:
+            print(f"recovered after an interruption: {recovered}", file=sys.stderr)
         return handler(args)
     except MedaiError as exc:
         print(f"error: {exc}", file=sys.stderr)

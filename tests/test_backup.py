@@ -169,7 +169,8 @@ def test_full_disk_fails_cleanly(installation: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(tarfile.TarFile, "add", no_space)
     with pytest.raises(backup.BackupError, match="No space left"):
         backup.create("admin1")
-    assert backup.list_backups() == [] and not list((installation / "backups").glob(".*"))
+    assert backup.list_backups() == []
+    assert [p.name for p in (installation / "backups").glob(".*")] == [".lock"]  # no partial archive left
 
 
 def test_prune_keeps_the_newest(installation: Path):

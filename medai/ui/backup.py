@@ -45,7 +45,11 @@ def _act_on(admin: User, db: Store, infos: list[backup.BackupInfo]) -> None:
     c2.download_button("Download", lambda: path.read_bytes(), name, "application/gzip", on_click="ignore",
                        icon=":material/download:")
     if c3.button("Delete", icon=":material/delete:"):
-        backup.delete(path)
+        try:
+            backup.delete(path, admin.username)
+        except MedaiError as exc:
+            st.error(plain(exc))
+            return
         db.audit(admin.username, "backup_deleted", name=name)
         st.rerun()
     confirm = c4.checkbox("I want to restore this backup", key="restore_confirm")
@@ -66,7 +70,7 @@ def _prune(admin: User, db: Store) -> None:
         keep = c1.number_input("Keep the newest", 0, 1000, 7)
         days = c2.number_input("and/or those newer than (days, 0 = off)", 0, 3650, 0)
         if st.form_submit_button("Prune"):
-            removed = backup.prune(int(keep), float(days) if days else None)
+            removed = backup.prune(int(keep), float(days) if days else None, admin.username)
             db.audit(admin.username, "backup_pruned", names=[p.name for p in removed])
             st.success(f"Deleted {len(removed)} archive(s).")
 
