@@ -23,3 +23,7 @@ class CheckpointError(MedaiError):
 
 class PretrainedWeightsError(MedaiError):
     """Pretrained weights were asked for but cannot be loaded."""
+
+
+class StorageError(MedaiError):
+    """A file could not be written (disk full, file too large, read-only folder, no permission)."""

@@ -134,8 +134,9 @@ class HistoryEntry:
 class Store:
     """Access to the database; cheap to create (one connection per operation)."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, busy_timeout: float = 30.0):
         self.path = Path(path) if path else db_path()
+        self.busy_timeout = busy_timeout  # seconds to wait for another writer before giving up
         self._migrated = False
 
     @contextmanager
@@ -143,7 +144,7 @@ class Store:
         """A connection in a transaction: committed on success, rolled back on error, always closed."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from None
         try:
@@ -159,6 +160,14 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(f"the database is busy: another program has held it locked for more than "
+                                 f"{self.busy_timeout:g} s, so nothing was written; try again ({exc})") from None
+            raise StoreError(f"the database {self.path} cannot be used: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"the database {self.path} is damaged or not a MedAI database ({exc}); "
+                             "restore a backup (python -m medai backup restore)") from None
         finally:
             conn.close()
 

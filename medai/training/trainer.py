@@ -31,7 +31,7 @@ from medai.config import ExperimentConfig, dump_config, load_config
 from medai.data.cache import DecodeCache
 from medai.data.datasets import Record, RecordSet, XrayDataset, cap_records, load_records
 from medai.data.transforms import PreprocessSpec, build_augmentation
-from medai.errors import DatasetError, MedaiError
+from medai.errors import DatasetError, MedaiError, StorageError
 from medai.evaluation.metrics import quick_scores
 from medai.evaluation.calibration import probs_from_logits
 from medai.evaluation.report import evaluate_logits, write_predictions_csv
@@ -238,11 +238,21 @@ class Trainer:
             if end_state == "finished" and ctx.is_main:
                 summary.update(self._final_evaluation(self._loader(val, False) if ctx.enabled else val_loader))
         except BaseException as exc:
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            log.exception("run %s failed", self.run_dir.name)
+            storage = _storage_failure(exc, self.run_dir)
+            reason = ("interrupted" if isinstance(exc, KeyboardInterrupt) else str(storage) if storage
+                      else f"{type(exc).__name__}: {exc}")
+            if storage:  # the cause is outside the program: no traceback, say what to do
+                log.error("run %s failed: %s", self.run_dir.name, storage)
+            else:
+                log.exception("run %s failed", self.run_dir.name)
             for cb in self.callbacks:
-                cb.on_train_end("cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
-                                {"error": reason})
+                try:
+                    cb.on_train_end("cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                    {"error": reason})
+                except OSError as write_error:  # the same full disk may refuse the status file too
+                    log.error("could not record the failure in %s: %s", self.run_dir.name, write_error)
+            if storage:
+                raise storage from None
             raise
         for cb in self.callbacks:
             cb.on_train_end(end_state, {"message": self._stop_reason or "", **summary})
@@ -401,3 +411,23 @@ def resume(run: str | os.PathLike, callbacks: list[Callback] | None = None) -> P
         return Trainer(cfg, run_dir, callbacks, ctx).fit()
     finally:
         distributed.close(ctx)
+
+
+def _storage_failure(exc: BaseException, run_dir: Path) -> StorageError | None:
+    """A write failure (full disk, file-size limit, read-only folder, permissions) as a StorageError that
+    says how to go on; None for any other exception. safetensors reports I/O errors as its own type."""
+    import errno
+
+    codes = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file grew past the size limit",
+             errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the folder is on a read-only file system",
+             errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there"}
+    if isinstance(exc, OSError) and exc.errno in codes:
+        why = codes[exc.errno]
+    elif type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+        why = str(exc).split("I/O error:", 1)[1].strip()
+    else:
+        return None
+    return StorageError(f"cannot write the run's files in {run_dir} ({why}; {exc}). The last completed epoch "
+                        f"is kept: free space or fix the folder, then resume with "
+                        f"`python -m medai train --resume {run_dir}`")
+
