@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,6 +230,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return config_from_dict(tree, overrides)
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
     t, p = cfg.train, cfg.preprocess
@@ -255,6 +260,13 @@ def validate(cfg: ExperimentConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
+    if not RUN_NAME.fullmatch(cfg.name):  # it names the run's folder: nothing may climb out of results/runs
+        raise ConfigError(f"config key 'name' {cfg.name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    for value, key in ((t.lr, "train.lr"), (t.weight_decay, "train.weight_decay"), (p.std, "preprocess.std"),
+                       (p.mean, "preprocess.mean")):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, not {value}")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -64,6 +64,19 @@ def _overrides(cfg, form: dict) -> list[str]:
     return sets
 
 
+def _starting_weights(key: str) -> str:
+    """Fine-tune from a checkpoint the catalog knows (shipped, installed or a finished run), never from a
+    typed server path: nothing typed here can make the server read files outside those folders."""
+    from medai.catalog import list_models as list_checkpoints
+
+    entries, _problems = list_checkpoints()
+    options = {"none (random initialisation)": ""} | {f"{e.name} ({e.source})": str(e.path) for e in entries}
+    choice = st.selectbox("Starting weights", list(options), key=f"pre_{key}",
+                          help="Initialise from a trained checkpoint's weights where their shapes match "
+                               "(the head is re-initialised when the labels differ).")
+    return options[choice]
+
+
 def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
     """GPUs to train on (data-parallel under torchrun) and the learning-rate rule for the larger batch;
     fixed at 1 where this machine has fewer than two GPUs."""
@@ -113,7 +126,7 @@ def _launch_form(user: User) -> None:
                                                key=f"head_{key}"),
                 "augment": st.checkbox("Augmentation", value=cfg.augment.enabled, key=f"aug_{key}"),
                 "seed": st.number_input("Seed", 0, 2**31 - 1, cfg.train.seed, key=f"seed_{key}"),
-                "pretrained": st.text_input("Starting weights (local file, optional)", key=f"pre_{key}"),
+                "pretrained": _starting_weights(key),
                 **_parallel_inputs(cfg, key, torch.cuda.device_count()),
             }
             submitted = st.form_submit_button("Start training", type="primary")
