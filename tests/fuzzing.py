@@ -186,7 +186,11 @@ def dicom_set(data: bytes, field: str, value: object) -> bytes:
                                                                                                     "replace"))
     ds = pydicom.dcmread(io.BytesIO(data))
     if field == "PixelData":
-        ds.PixelData = value if isinstance(value, bytes) else bytes(str(value), "latin-1", "replace")
+        raw = value if isinstance(value, bytes) else bytes(str(value), "latin-1", "replace")
+        if ds.file_meta.TransferSyntaxUID.is_compressed:  # garbage frames, wrapped as the syntax requires
+            from pydicom.encaps import encapsulate
+            raw = encapsulate([raw + b"\0" * (len(raw) % 2)])
+        ds.PixelData = raw
         return _save(ds)
     tag = pydicom.tag.Tag(pydicom.datadict.tag_for_keyword(field))
     try:

@@ -118,6 +118,11 @@ def test_the_dashboard_recovers_and_says_so(two_states, medai_home: Path):
     assert not at.exception
     assert any("Recovered after an interruption" in w.value and "put back" in w.value for w in at.warning)
     assert state(medai_home) == b
+    page = AppTest.from_file(str(ROOT / "pages" / "backup.py"), default_timeout=60)  # later, for every admin
+    page.session_state["medai_user"] = "admin1"
+    page.session_state["medai_last_seen"] = time.time()
+    page.run()
+    assert any(archive in w.value and "interrupted" in w.value for w in page.warning)
 
 
 def test_a_restore_failing_on_the_database_changes_nothing(two_states, medai_home: Path,

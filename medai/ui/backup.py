@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from medai import backup
@@ -80,6 +82,12 @@ def render_backup(admin: User) -> None:
     st.caption("Archives of models/, configs/, results/ and the database, each verified against its SHA-256 "
                "manifest. A restore verifies first and keeps a pre-restore backup.")
     db = Store()
+    week_ago = time.time() - 7 * 86400
+    for event in db.audit_log(limit=5, action="restore_interrupted"):
+        if event["ts"] >= week_ago:  # a restore killed half way, found and repaired at the next start
+            st.warning(f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(event['ts']))}: "
+                       f"{plain(event['detail'].get('outcome', 'a restore was interrupted'))}.",
+                       icon=":material/build:")
     _create(admin, db)
     infos = backup.list_backups()
     if infos:
