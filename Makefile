@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all e2e bench setup clean-venv
+.PHONY: run test test-all e2e bench fuzz setup clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 # Everything, slow tests included (longer real training runs).
 test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"
+
+# Deep fuzzing: the properties of tests/test_fuzz.py with random, many more examples (FUZZ_EXAMPLES each;
+# ``make test`` runs them derandomized with a few hundred). Add what it finds to tests/corpus/build.py.
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	MEDAI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
 
 # Real-browser suite (tests/e2e): Playwright + Debian's chromium (apt; its own browser download is not used).
 E2E_STAMP := $(VENV)/.installed-e2e

@@ -57,10 +57,17 @@ def e2e_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def dashboard(home: Path) -> Iterator[str]:
     """``streamlit run dashboard.py`` on a free loopback port with ``home`` as MEDAI_HOME; yields its URL."""
+    with dashboard_process(home) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def dashboard_process(home: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As :func:`dashboard`, yielding the server process too (to kill it)."""
     env = {**os.environ, "MEDAI_HOME": str(home), "PYTHONWARNINGS": "ignore"}
     env.pop("MEDAI_ADMIN_PASSWORD", None)
     port = free_port()
-    log = open(home / "streamlit.log", "w")
+    log = open(home / "streamlit.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
@@ -68,7 +75,7 @@ def dashboard(home: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
