@@ -263,3 +263,31 @@ def test_disk_full_under_a_training_run_fails_cleanly_and_resumes(tmp_path: Path
     resumed = run_cli("train", "--resume", str(run), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_read_only_results_folder_is_explained(tmp_path: Path, medai_home: Path):
+    """results/ is read-only (a read-only mount; as a non-root user, permission bits do): training refuses
+    with a message naming the folder, not a traceback, and leaves nothing behind."""
+    need("pneumoniamnist/pneumoniamnist_balanced_28.npz")
+    runs = medai_home / "results" / "runs"
+    runs.mkdir(parents=True)
+    config = tiny_config(tmp_path, "pneumoniamnist/pneumoniamnist_balanced_28.npz", data={"max_samples": 64})
+    mounted = False
+    if os.geteuid() == 0:  # root writes through permission bits: make it a read-only bind mount instead
+        done = subprocess.run(["mount", "--bind", "-o", "ro", str(runs), str(runs)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"running as root without the right to mount a read-only folder: {done.stderr.strip()}")
+        mounted = True
+    else:
+        runs.chmod(0o555)
+    try:
+        proc = run_cli("train", "--config", str(config), timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert f"cannot create the run folder {runs}" in proc.stderr and "must be writable" in proc.stderr
+        assert list(runs.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(runs)], check=True)
+        else:
+            runs.chmod(0o755)

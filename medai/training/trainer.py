@@ -51,8 +51,12 @@ CANCEL_FILE = "cancel.request"
 def new_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = runs_dir() / f"{cfg.name}-{stamp}-{secrets.token_hex(2)}"
-    path.mkdir(parents=True)
-    write_text(path / "config.yaml", dump_config(cfg))
+    try:
+        path.mkdir(parents=True)
+        write_text(path / "config.yaml", dump_config(cfg))
+    except OSError as exc:
+        raise StorageError(f"cannot create the run folder {path}: {exc.strerror or exc}; the results folder "
+                           f"{runs_dir()} must be writable by this user (is the disk full or read-only?)") from None
     return path
 
 
