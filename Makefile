@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all e2e bench fuzz setup clean-venv
+.PHONY: run test test-all e2e bench fuzz audit setup clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test-all: $(STAMP)
 FUZZ_EXAMPLES ?= 3000
 fuzz: $(STAMP)
 	MEDAI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
+
+# Dependency audit of everything installed in .venv (pip-audit; policy in SECURITY.md).
+AUDIT_STAMP := $(VENV)/.installed-audit
+$(AUDIT_STAMP): $(STAMP) requirements-audit.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-audit.txt
+	touch $(AUDIT_STAMP)
+
+audit: $(AUDIT_STAMP)
+	$(PY) .ci/audit
 
 # Real-browser suite (tests/e2e): Playwright + Debian's chromium (apt; its own browser download is not used).
 E2E_STAMP := $(VENV)/.installed-e2e

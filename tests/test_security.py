@@ -146,3 +146,27 @@ def test_starting_weights_are_chosen_from_the_catalog_not_typed(medai_home: Path
     assert not [t for t in at.text_input if "weights" in t.label.lower()]
     weights = next(s for s in at.selectbox if s.label == "Starting weights")
     assert weights.options[0].startswith("none") and any("pneumonia-hybrid" in o for o in weights.options)
+
+
+def test_dependency_audit_policy(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """.ci/audit's verdict on pip-audit output: an unaccepted vulnerability fails; one accepted under its ID
+    or an alias passes; packages the service could not answer for are never reported as clean."""
+    import importlib.util
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader("medai_ci_audit", str(ROOT / ".ci" / "audit"))
+    audit = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(audit)
+    vuln = {"name": "pillow", "version": "9.0.0",
+            "vulns": [{"id": "PYSEC-2022-1", "aliases": ["CVE-2022-0001"], "fix_versions": ["9.0.1"]}]}
+    clean = {"name": "numpy", "version": "2.0.0", "vulns": []}
+    unanswered = {"name": "torch", "skip_reason": "Dependency not found on PyPI and could not be audited"}
+    assert audit.decide([vuln, clean], {}) == 1
+    assert "PYSEC-2022-1 (fixed in 9.0.1) - BLOCKING" in capsys.readouterr().out
+    assert audit.decide([vuln, clean], {"CVE-2022-0001": "not reachable from MedAI"}) == 0
+    assert audit.decide([clean, unanswered], {}) == 0
+    assert "not audited (the vulnerability service had no answer): torch" in capsys.readouterr().out
+    assert audit.decide([unanswered], {}) == 0
+    assert "AUDIT NOT PERFORMED" in capsys.readouterr().err
+    monkeypatch.setenv("MEDAI_AUDIT_REQUIRED", "1")
+    assert audit.decide([unanswered], {}) == 1
