@@ -32,6 +32,16 @@ def analyse(predictor: Predictor, name: str, data: bytes) -> dict:
             "shares": exp.shares, "anatomy": exp.anatomy.applicable}
 
 
+def run_alongside(threads: list[threading.Thread], process: subprocess.Popen) -> None:
+    """Run the threads to their end while ``process`` runs; the process must then succeed too."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+
+
 def test_sessions_analysing_at_once_on_one_cached_model_get_their_solo_results_while_training_runs(
         tmp_path: Path, medai_home: Path):
     files = [*sorted(need("kermany-pneumonia/val/NORMAL").glob("*.jpeg"))[:2],
@@ -56,14 +66,8 @@ def test_sessions_analysing_at_once_on_one_cached_model_get_their_solo_results_w
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(uploads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    _, stderr = training.communicate(timeout=600)
+    run_alongside([threading.Thread(target=session, args=(i,)) for i in range(len(uploads))], training)
     assert not errors, errors
-    assert training.returncode == 0, stderr[-2000:]
     run = next((medai_home / "results" / "runs").iterdir())
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     for i, solo in enumerate(alone):
@@ -105,13 +109,8 @@ def test_admins_backing_up_and_restoring_at_once_are_serialized(medai_home: Path
     threads = [threading.Thread(target=timed, args=item) for item in jobs.items()]
     cli = subprocess.Popen([sys.executable, "-m", "medai", "backup", "create", "--label", "cli"], cwd=ROOT,
                            env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    _, err = cli.communicate(timeout=300)
+    run_alongside(threads, cli)
     assert not errors, errors
-    assert cli.returncode == 0, err
     ordered = sorted(spans.values())
     for (_, end), (start, _) in zip(ordered, ordered[1:]):
         assert start >= end, f"two backup operations overlapped: {spans}"

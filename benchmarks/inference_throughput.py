@@ -1,0 +1,73 @@
+"""Batch inference throughput (images/s) per architecture and batch size, and the GFLOP/s it achieves
+against this machine's measured float32 matmul peak.
+
+    .venv/bin/python benchmarks/inference_throughput.py [--batches 1 4 16 32] [--repeats 5]
+
+The models are the shipped architectures at 224 px (random weights: speed does not depend on them), run
+the way `Predictor.predict_tensor` runs them (inference mode), in the default memory layout and in
+channels-last. FLOPs per image are counted by torch.utils.flop_counter (2 per multiply-add). The peak is
+the best of square float32 matmuls from 512 to 4096 on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import machine, median_time, table
+from torch.utils.flop_counter import FlopCounterMode
+
+from medai.models import create_model
+
+ARCHS = {"densenet121": {}, "hybrid_cnn_transformer": {"image_size": 224}, "vit_small": {"image_size": 224}}
+SIZE = 224
+
+
+def matmul_peak(repeats: int) -> tuple[float, int]:
+    """Best float32 GFLOP/s over square matmul sizes, and the size that reached it."""
+    best = (0.0, 0)
+    for n in (512, 1024, 2048, 4096):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        seconds = median_time(lambda: torch.mm(a, b), repeats=repeats)
+        best = max(best, (2 * n**3 / seconds / 1e9, n))
+    return best
+
+
+def flops_per_image(model: torch.nn.Module) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.randn(1, 1, SIZE, SIZE))
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    peak, peak_n = matmul_peak(args.repeats)
+    rows = []
+    for arch, kwargs in ARCHS.items():
+        model = create_model(arch, num_classes=14, **kwargs).eval()
+        flops = flops_per_image(model)
+        for layout in ("contiguous", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            model = model.to(memory_format=fmt)
+            for batch in args.batches:
+                x = torch.randn(batch, 1, SIZE, SIZE).to(memory_format=fmt)
+
+                def run() -> None:
+                    with torch.inference_mode():
+                        model(x)
+                seconds = median_time(run, repeats=args.repeats)
+                achieved = flops * batch / seconds / 1e9
+                rows.append([arch, layout, batch, round(batch / seconds, 1), round(flops / 1e9, 2),
+                             round(achieved, 1), f"{100 * achieved / peak:.0f}%"])
+    print(f"## Batch inference throughput, {SIZE} px ({machine()})\n")
+    print(f"Measured float32 matmul peak: {peak:.1f} GFLOP/s (torch.mm {peak_n}x{peak_n}). FLOPs counted by "
+          "torch.utils.flop_counter, 2 per multiply-add.\n")
+    print(table(rows, ["architecture", "layout", "batch", "images/s", "GFLOP/image", "GFLOP/s", "of peak"]))
+
+
+if __name__ == "__main__":
+    main()
