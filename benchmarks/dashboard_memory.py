@@ -40,7 +40,7 @@ def main() -> None:
     at.text_input[0].set_value("rad1")
     at.text_input[1].set_value(PASSWORD)
     at.button[0].click().run()
-    rows = [["signed in, no model used yet", *[round(v) for v in rss_mb()]]]
+    rows = [["signed in: Analyze page open, default model loaded, no upload yet", *[round(v) for v in rss_mb()]]]
     for name in MODELS:
         box = at.selectbox(key="analyze_model")
         box.set_value(next(o for o in box.options if str(o).startswith(name) or name in str(o)))
@@ -48,7 +48,7 @@ def main() -> None:
         at.file_uploader[0].set_value((image.name, image.read_bytes(), "image/jpeg")).run()
         assert not at.exception, at.exception
         assert any("heatmap for" in c for img in at.image for c in img.captions), f"{name}: no heatmap shown"
-        rows.append([f"+ {name} loaded, one analysis with heatmap", *[round(v) for v in rss_mb()]])
+        rows.append([f"+ {name} selected, one analysis with heatmap", *[round(v) for v in rss_mb()]])
     print(f"## Dashboard memory, three default models ({machine()})\n")
     print("The dashboard script under Streamlit's AppTest in one process; RSS from /proc/self/status.\n")
     print(table(rows, ["state", "RSS MB", "peak RSS MB"]))

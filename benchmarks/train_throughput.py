@@ -90,7 +90,7 @@ def data_pipeline(n: int, batch: int, cache: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--archs", nargs="+", default=list(RECIPES))
     args = parser.parse_args()

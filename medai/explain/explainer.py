@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from medai.data.io import DecodedImage
 from medai.data.transforms import preprocess
@@ -68,8 +69,8 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
     timings["predict"] = time.perf_counter() - t0
     classes = select_findings(predictor, probs, findings)
     t0 = time.perf_counter()
-    cams = compute_cams(predictor.model, batch.to(predictor.device), classes, method, image.pixels.shape,
-                        softmax=predictor.kind == "multiclass")
+    cams = compute_cams(predictor.model, batch.to(predictor.device, memory_format=torch.channels_last), classes,
+                        method, image.pixels.shape, softmax=predictor.kind == "multiclass")
     timings["heatmaps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model_part = predictor.ckpt.card.get("task", {}).get("body_part")
