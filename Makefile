@@ -57,7 +57,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	cd benchmarks && for script in analyze_latency cam_speed api_load ddp_scaling; do ../$(PY) $$script.py || exit 1; done
+	cd benchmarks && for script in analyze_latency cam_speed api_load ddp_scaling inference_throughput train_throughput dashboard_memory; do ../$(PY) $$script.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
