@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medai.data.io import DecodedImage
+from medai.explain.explainer import Explanation, explain
 from medai.inference import Prediction, Predictor
 
 DISCLAIMER = ("Decision support for trained readers, not a diagnosis. The model was trained on public research "
@@ -41,6 +42,18 @@ def analyze_bytes(predictor: Predictor, model_name: str, data: bytes, file_name:
     image = predictor.decode(data, name=file_name)
     return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
                     prediction=predictor.predict(image), model_name=model_name, model_sha256=predictor.ckpt.sha256)
+
+
+def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file_name: str,
+                        findings: str | list[str] = "positive", method: str | None = None
+                        ) -> tuple[Analysis, Explanation]:
+    """Decode, predict and explain in one forward pass: the heatmaps' forward pass gives the prediction
+    (``analyze_bytes`` + ``explain`` would run the model twice)."""
+    image = predictor.decode(data, name=file_name)
+    exp = explain(predictor, image, findings, method)
+    prediction = Prediction(predictor.labels, list(exp.probabilities), predictor.thresholds, image.meta.to_dict())
+    return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
+                    prediction=prediction, model_name=model_name, model_sha256=predictor.ckpt.sha256), exp
 
 
 def confidence_band(probability: float, threshold: float) -> str:

@@ -47,12 +47,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medai import __version__, auth, backup
-from medai.analysis import analyze_bytes, chest_check, result_dict
+from medai.analysis import analyze_and_explain, analyze_bytes, chest_check, result_dict
 from medai.catalog import ModelEntry, default_index, list_models
 from medai.data.io import DecodeLimits, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from medai.errors import CheckpointError, MedaiError
 from medai.explain.cam import CAM_METHODS
-from medai.explain.explainer import explain
 from medai.explain.overlay import render_overlay, to_png
 from medai.inference import Predictor
 from medai.paths import env_number
@@ -194,10 +193,9 @@ def _b64png(array: np.ndarray) -> str:
 def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name: str, opts: Options) -> dict[str, Any]:
     """The API's result for one image: the Analyze page's result JSON plus flat probabilities/thresholds,
     and base64 PNGs (8-bit heatmap, RGB overlay) per explained finding when ``opts.heatmaps``."""
-    analysis = analyze_bytes(predictor, entry.name, data, file_name)
     explanation, warnings, images = None, [], {}
-    if opts.explain or opts.heatmaps:
-        exp = explain(predictor, analysis.image, opts.findings, opts.method, analysis.prediction.probabilities)
+    if opts.explain or opts.heatmaps:  # one forward pass serves the prediction and the heatmaps
+        analysis, exp = analyze_and_explain(predictor, entry.name, data, file_name, opts.findings, opts.method)
         explanation = exp.to_dict()
         warnings = [w for w in [chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)] if w]
         warnings += [f"{label}: {text}" for label, text in exp.warnings.items()]
@@ -206,6 +204,8 @@ def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name:
             images = {label: {"heatmap_png": _b64png((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)),
                               "overlay_png": _b64png(render_overlay(pixels, heat, opts.opacity, exp.anatomy))}
                       for label, heat in exp.heatmaps.items()}
+    else:
+        analysis = analyze_bytes(predictor, entry.name, data, file_name)
     thresholds = dict(zip(predictor.labels, predictor.thresholds))
     result = result_dict(analysis, thresholds, entry.card, explanation)
     result["probabilities"] = dict(zip(analysis.labels, analysis.prediction.probabilities))

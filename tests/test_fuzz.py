@@ -28,7 +28,7 @@ from medai.data.datasets import load_records
 from medai.errors import DatasetError
 from tests import fuzzing as F
 from tests.fuzzing import decode_or_specific_error
-from tests.conftest import DATA, ROOT, need
+from tests.conftest import DATA, ROOT
 
 # pydicom warns about every odd value the mutators write; the property is about exceptions, not warnings
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

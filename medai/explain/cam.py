@@ -21,6 +21,7 @@ import functools
 import threading
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,11 +168,15 @@ def private_copy(model: MedaiModel) -> MedaiModel:
     return cached[1]
 
 
-def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], method: str = "gradcam",
-                 output_size: tuple[int, int] | None = None, softmax: bool = False) -> CamResult:
+def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int] | Callable[[np.ndarray], list[int]],
+                 method: str = "gradcam", output_size: tuple[int, int] | None = None,
+                 softmax: bool = False) -> CamResult:
     """Heatmaps of ``classes`` for one preprocessed image ``batch`` (1 x 1 x S x S).
 
-    ``softmax=True`` (multiclass models) explains each class's log-probability instead of its raw logit."""
+    ``classes`` may be a function of the logits (one image's, as numpy) that picks the classes to explain:
+    the forward pass that records the activations then also serves the prediction, so a caller that has
+    not predicted yet needs no second forward pass. ``softmax=True`` (multiclass models) explains each
+    class's log-probability instead of its raw logit."""
     if method not in CAM_METHODS:
         raise ExplainError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
     if batch.ndim != 4 or batch.shape[0] != 1:
@@ -190,6 +195,8 @@ def compute_cams(model: MedaiModel, batch: torch.Tensor, classes: list[int], met
     finally:
         grab.remove()
     layer_out = captured["out"]
+    if callable(classes):
+        classes = classes(logits.detach().float().numpy()[0])
     activations = (reshape(layer_out) if reshape is not None else layer_out).detach()
     gradients, backward = _gradients(model, logits, layer_out, activations, classes, method, cam, reshape, softmax)
     target = LogSoftmaxTarget if softmax else ClassifierOutputTarget

@@ -11,6 +11,7 @@ import torch
 
 from medai.data.io import DecodedImage
 from medai.data.transforms import preprocess
+from medai.evaluation.calibration import probs_from_logits
 from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
                                    shortcut_warning)
 from medai.explain.cam import ExplainError, compute_cams, default_method
@@ -59,19 +60,24 @@ def select_findings(predictor: Predictor, probabilities: list[float], findings: 
 
 def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str] = "positive",
             method: str | None = None, probabilities: list[float] | None = None) -> Explanation:
-    """``probabilities``: the predictor's output for ``image`` when the caller already has it (saves a
-    forward pass)."""
+    """``probabilities``: the predictor's output for ``image`` when the caller already has it. Without
+    them, the heatmaps' own forward pass gives the prediction (``Explanation.probabilities``): one forward
+    pass in all, which is how the API analyses with heatmaps."""
     method = method or default_method(predictor.ckpt.card["architecture"])
     timings = {}
-    t0 = time.perf_counter()
     batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
-    probs = list(probabilities) if probabilities is not None else predictor.predict_tensor(batch)[0].tolist()
-    timings["predict"] = time.perf_counter() - t0
-    classes = select_findings(predictor, probs, findings)
+    probs = list(probabilities) if probabilities is not None else []
+
+    def pick(logits: np.ndarray) -> list[int]:
+        if not probs:  # the prediction, from the same logits the heatmaps come from
+            probs.extend(float(p) for p in probs_from_logits(logits[None], predictor.kind,
+                                                             predictor.temperature)[0])
+        return select_findings(predictor, probs, findings)
     t0 = time.perf_counter()
-    cams = compute_cams(predictor.model, batch.to(predictor.device, memory_format=torch.channels_last), classes,
+    cams = compute_cams(predictor.model, batch.to(predictor.device, memory_format=torch.channels_last), pick,
                         method, image.pixels.shape, softmax=predictor.kind == "multiclass")
     timings["heatmaps"] = time.perf_counter() - t0
+    classes = list(cams.heatmaps)  # in the order pick() chose them
     t0 = time.perf_counter()
     model_part = predictor.ckpt.card.get("task", {}).get("body_part")
     if model_part and model_part.lower() != "chest" and not image.meta.body_part:
