@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from medai import auth, backup
 from medai.catalog import list_models
@@ -253,11 +254,11 @@ def test_disk_full_under_a_training_run_fails_cleanly_and_resumes(tmp_path: Path
     assert len(runs) == 1
     run = runs[0]
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))  # no temporary file left
-    for name in ("best.safetensors", "last.pt"):
-        if (run / name).exists():  # whatever exists is complete: it loads
-            from medai.models.checkpoint import read_card
-            read_card(run / "best.safetensors") if name == "best.safetensors" else __import__("torch").load(
-                run / name, weights_only=False)
+    from medai.models.checkpoint import read_card
+    if (run / "best.safetensors").exists():  # whatever exists is complete: it loads
+        read_card(run / "best.safetensors")
+    if (run / "last.pt").exists():
+        torch.load(run / "last.pt", weights_only=False)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] in ("failed", "interrupted") and status.get("error")
     resumed = run_cli("train", "--resume", str(run), timeout=600)
