@@ -104,6 +104,7 @@ def result_dict(analysis: Analysis, thresholds: dict[str, float], card: dict[str
                 explanation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full, JSON-serialisable result of one analysis (no pixels, no patient tags)."""
     meta = {k: v for k, v in analysis.image.meta.to_dict().items() if k != "extra"}
+    meta["decoder_warnings"] = list(analysis.image.meta.extra.get("warnings", []))
     rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
     return {
         "file": analysis.file_name, "image_sha256": analysis.image_sha256, "image": meta,

@@ -227,8 +227,6 @@ def _count(ds: Any, keyword: str, default: int, label: str) -> int:
 
 
 def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if any(k in ds for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")):
             raise DicomNoPixelDataError(
@@ -257,7 +255,7 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
     elif arr.ndim != 2:
         raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
     else:
-        arr, windowed = _apply_luts(arr, ds, notes, apply_modality_lut, apply_voi_lut)
+        arr, windowed = _apply_luts(arr, ds, notes)
     arr = _minmax(np.asarray(arr, dtype=np.float32))
     if photometric == "MONOCHROME1":
         arr = 1.0 - arr
@@ -272,17 +270,19 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
 
 
-def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str], modality_lut: Any, voi_lut: Any) -> tuple[np.ndarray, bool]:
+def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str]) -> tuple[np.ndarray, bool]:
     """Rescale and window as the file says; a malformed LUT or window is skipped with a note, not fatal:
     the min-max normalisation that follows still shows the image, which is what a viewer would do."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     try:
-        arr = modality_lut(arr, ds)
+        arr = apply_modality_lut(arr, ds)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
         notes.append(f"modality rescale ignored (malformed: {exc})")
     if not any(k in ds for k in ("WindowCenter", "VOILUTSequence")):
         return arr, False
     try:
-        windowed = voi_lut(arr, ds)
+        windowed = apply_voi_lut(arr, ds)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
         notes.append(f"window / VOI LUT ignored (malformed: {exc})")
         return arr, False

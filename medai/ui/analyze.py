@@ -100,6 +100,8 @@ def _image_panel(analysis: Analysis) -> np.ndarray:
     details = [meta.source_format.upper(), f"{meta.width} x {meta.height}"]
     details += [v for v in (meta.modality, meta.body_part, meta.view) if v]
     st.image(shown, caption=" | ".join(details), width="stretch")
+    for note in meta.extra.get("warnings", []):  # e.g. a malformed DICOM window the decoder had to skip
+        st.warning(f"DICOM: {plain(note)}; the image is shown min-max scaled instead.", icon=":material/tune:")
     return shown
 
 

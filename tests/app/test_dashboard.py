@@ -196,3 +196,16 @@ def test_file_names_and_dicom_tags_are_shown_as_text_not_markdown(medai_home: Pa
     assert not at.exception
     infos = [i.value for i in at.info if "No anatomy map" in i.value]
     assert infos and r"\*SKULL\*\[A\]\(B\)" in infos[0] and "*SKULL*" not in infos[0]
+
+
+def test_a_dicom_with_a_malformed_window_is_shown_with_a_warning(medai_home: Path):
+    """A DICOM whose window width is 0 (from the fuzzing corpus): shown min-max scaled, analysed, and the
+    radiologist is told the window was skipped; the result JSON says so too."""
+    dicom = ROOT / "tests" / "corpus" / "decoder" / "found-dicom-window-width-zero.dcm"
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    at = _analyze_upload(at, dicom.name, dicom.read_bytes(), "application/dicom")
+    assert not at.exception and not at.error
+    assert any("DICOM: window / VOI LUT ignored" in w.value for w in at.warning)
+    entry = Store().history(username="rita")[0]
+    assert any("window" in note for note in entry.result["image"]["decoder_warnings"])
