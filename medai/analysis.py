@@ -37,11 +37,16 @@ class Analysis:
         return self.prediction.labels
 
 
+def _analysis(predictor: Predictor, model_name: str, data: bytes, file_name: str, image: DecodedImage,
+              prediction: Prediction) -> Analysis:
+    return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
+                    prediction=prediction, model_name=model_name, model_sha256=predictor.ckpt.sha256)
+
+
 def analyze_bytes(predictor: Predictor, model_name: str, data: bytes, file_name: str) -> Analysis:
     """Decode and predict one upload; decoding errors (``ImageDecodeError``) propagate with their message."""
     image = predictor.decode(data, name=file_name)
-    return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
-                    prediction=predictor.predict(image), model_name=model_name, model_sha256=predictor.ckpt.sha256)
+    return _analysis(predictor, model_name, data, file_name, image, predictor.predict(image))
 
 
 def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file_name: str,
@@ -52,8 +57,7 @@ def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file
     image = predictor.decode(data, name=file_name)
     exp = explain(predictor, image, findings, method)
     prediction = Prediction(predictor.labels, list(exp.probabilities), predictor.thresholds, image.meta.to_dict())
-    return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
-                    prediction=prediction, model_name=model_name, model_sha256=predictor.ckpt.sha256), exp
+    return _analysis(predictor, model_name, data, file_name, image, prediction), exp
 
 
 def confidence_band(probability: float, threshold: float) -> str:
