@@ -167,6 +167,34 @@ def test_anatomy_on_a_real_chest_xray():
     assert "AP view" in ctr_summary(anatomy, "AP")["note"]
 
 
+def test_anatomy_morphology_equals_scipy_on_real_masks():
+    """The separable filters and the one-labelling hole fill are exact replacements for scipy's binary
+    morphology (3x3 opening, 7x7 closing twice, hole filling) and for the per-row edge-run scan."""
+    from scipy import ndimage as ndi
+
+    from medai.explain import anatomy as an
+
+    files = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[:3] + [need("dicom/siim_cxr_pa_mono2.dcm")]
+    for f in files:
+        x = an._prepare(decode_image(f).pixels)
+        for factor in an.THRESHOLD_FACTORS:
+            dark = x < an._central_threshold(x) * factor
+            np.testing.assert_array_equal(an._opening(dark, 3), ndi.binary_opening(dark, np.ones((3, 3))))
+            np.testing.assert_array_equal(an._closing(dark, 13), ndi.binary_closing(dark, np.ones((7, 7)), 2))
+            np.testing.assert_array_equal(an._fill_holes(dark), ndi.binary_fill_holes(dark))
+            np.testing.assert_array_equal(an._fill_holes(~dark), ndi.binary_fill_holes(~dark))
+            margin = int(dark.shape[1] * an.EDGE_MARGIN)
+            expected = np.zeros_like(dark)
+            for y, row in enumerate(dark):  # the definition, one row at a time
+                if row[:margin].any():
+                    start = int(np.argmax(row[:margin]))
+                    end = start
+                    while end < len(row) and row[end]:
+                        end += 1
+                    expected[y, :end] = True
+            np.testing.assert_array_equal(an._runs_from_left(dark, margin), expected)
+
+
 def test_anatomy_refuses_non_chest_inputs():
     tibia = decode_image(need("dicom/pydicom_data_RG3_J2KR.dcm"))
     anatomy = segment_chest(tibia.pixels, tibia.meta.body_part, tibia.meta.view)

@@ -42,6 +42,30 @@ def test_every_real_dicom_decodes_to_unit_float():
         assert img.meta.body_part == row["body_part"]
 
 
+@pytest.mark.parametrize("center, width", [(None, None), (100, 1), (2, 2), ([550, 600], [1024, 50]),
+                                           (-300.5, 7.25), (40000, 3)])
+def test_linear_window_matches_pydicom(center, width):
+    """The float32 LINEAR window gives pydicom's apply_voi_lut ramp (after the min-max normalisation that
+    follows both); other VOI functions and malformed windows are left to pydicom."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from medai.data.io import _linear_window, _minmax
+
+    for row in dicom_rows():
+        ds = pydicom.dcmread(need(f"dicom/{row['file']}"))
+        if center is not None:
+            ds.WindowCenter, ds.WindowWidth = center, width
+        elif "WindowCenter" not in ds:
+            continue
+        arr = apply_modality_lut(ds.pixel_array, ds)
+        ours = _minmax(_linear_window(arr, ds))
+        np.testing.assert_allclose(ours, _minmax(np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)), atol=1e-6)
+    ds.VOILUTFunction = "SIGMOID"
+    assert _linear_window(arr, ds) is None
+    ds.VOILUTFunction, ds.WindowWidth = "LINEAR", 0.5  # invalid: pydicom's check and message apply
+    assert _linear_window(arr, ds) is None
+
+
 def test_monochrome1_chest_has_dark_lungs_like_png_chest_xrays():
     png = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[0]
     lung, mediastinum = lung_vs_mediastinum(decode_image(png).pixels)

@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from medai.data.transforms import resize_float
+
 WORK_SIZE = 256
 NON_RADIOGRAPH_MODALITIES = {"MR", "CT", "US", "NM", "PT"}  # not SC/OT: digitised films use them
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "HEART"}
@@ -100,13 +102,12 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     labels, n = ndi.label(mask)
     if n == 0:
         return mask
-    sizes = ndi.sum(mask, labels, index=range(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     return labels == (int(np.argmax(sizes)) + 1)
 
 
 def _prepare(pixels: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(pixels.astype(np.float32), mode="F").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32)
+    x = resize_float(pixels, (WORK_SIZE, WORK_SIZE))
     lo, hi = np.percentile(x, [2, 98])
     x = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
     return ndi.gaussian_filter(x, 2.0)
@@ -126,6 +127,36 @@ def _central_threshold(x: np.ndarray) -> float:
     return _otsu(x[int(h * 0.2): int(h * 0.8), int(w * 0.15): int(w * 0.85)].ravel())
 
 
+def _opening(mask: np.ndarray, size: int) -> np.ndarray:
+    """``ndi.binary_opening`` with a size x size square (zero border), as separable min/max filters."""
+    return ndi.maximum_filter(ndi.minimum_filter(mask, size, mode="constant", cval=0), size, mode="constant", cval=0)
+
+
+def _closing(mask: np.ndarray, size: int) -> np.ndarray:
+    """``ndi.binary_closing`` with a size x size square (zero border): a 7x7 square twice is 13 x 13."""
+    return ndi.minimum_filter(ndi.maximum_filter(mask, size, mode="constant", cval=0), size, mode="constant", cval=0)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes``: background not 4-connected to the border is a hole. One labelling
+    instead of scipy's dilation repeated until nothing changes."""
+    labels, n = ndi.label(~mask)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[labels]
+
+
+def _runs_from_left(dark: np.ndarray, margin: int) -> np.ndarray:
+    """Per row, the dark run that starts within ``margin`` columns of the left edge, from the edge on."""
+    cols = np.arange(dark.shape[1])
+    near = dark[:, :margin]
+    starts = np.argmax(near, axis=1)
+    after = ~dark & (cols >= starts[:, None])
+    ends = np.where(after.any(1), np.argmax(after, axis=1), dark.shape[1])
+    return near.any(1)[:, None] & (cols < ends[:, None])
+
+
 def _lung_candidates(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(lung candidate mask, outside-body mask) for one threshold.
 
@@ -133,23 +164,9 @@ def _lung_candidates(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
     enclosed by brighter tissue are lung candidates. Working per row stops the 2-D leaks from the
     lungs to outside air through the trachea or the axillae."""
     dark = x < threshold
-    h, w = dark.shape
-    margin = int(w * EDGE_MARGIN)  # a thin bright strip at the edge (collimator, label) is not tissue
-    outside = np.zeros_like(dark)
-    for y in range(h):
-        row = dark[y]
-        if row[:margin].any():
-            start = int(np.argmax(row[:margin]))
-            rest = row[start:]
-            end = start + (int(np.argmin(rest)) if not rest.all() else len(rest))
-            outside[y, :end] = True
-        if row[w - margin:].any():
-            start = w - 1 - int(np.argmax(row[::-1][:margin]))
-            rest = row[: start + 1][::-1]
-            begin = start + 1 - (int(np.argmin(rest)) if not rest.all() else len(rest))
-            outside[y, begin:] = True
-    inner = ndi.binary_opening(dark & ~outside, structure=np.ones((3, 3)))
-    return inner, outside
+    margin = int(dark.shape[1] * EDGE_MARGIN)  # a thin bright strip at the edge (collimator, label) is not tissue
+    outside = _runs_from_left(dark, margin) | _runs_from_left(dark[:, ::-1], margin)[:, ::-1]
+    return _opening(dark & ~outside, 3), outside
 
 
 def _drop_border_components(inner: np.ndarray) -> np.ndarray:
@@ -174,12 +191,12 @@ def _pick_lungs(inner: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     labels, n = ndi.label(inner)
     if n == 0:
         return None
-    sizes = ndi.sum(inner, labels, index=range(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     big = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] > 0.01 * h * w]
     if len(big) == 1:  # one component spanning both sides: cut at the spine and try again
         split = _split_at_spine(labels == big[0], x)
         labels, n = ndi.label(split)
-        sizes = ndi.sum(split, labels, index=range(1, n + 1))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         big = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] > 0.01 * h * w]
     sides: dict[str, np.ndarray] = {}
     for lab in big:
@@ -191,9 +208,14 @@ def _pick_lungs(inner: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
         return None
     cleaned = []
     for side in ("right", "left"):
-        m = ndi.binary_closing(sides[side], structure=np.ones((7, 7)), iterations=2)
-        cleaned.append(_largest(ndi.binary_fill_holes(m)))
+        cleaned.append(_largest(_fill_holes(_closing(sides[side], 13))))
     return cleaned[0], cleaned[1]
+
+
+def _row_extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last True column of each row (meaningful only for rows with any True)."""
+    w = mask.shape[1]
+    return np.argmax(mask, axis=1), w - 1 - np.argmax(mask[:, ::-1], axis=1)
 
 
 def _plausible(right: np.ndarray, left: np.ndarray) -> str:
@@ -215,8 +237,7 @@ def _plausible(right: np.ndarray, left: np.ndarray) -> str:
     if np.flatnonzero(right.any(0))[-1] >= np.flatnonzero(left.any(0))[0] + 5:
         return "the lung fields overlap horizontally"
     shared = np.flatnonzero(right.any(1) & left.any(1))
-    cols = np.arange(w)
-    gaps = [cols[left[y]].min() - cols[right[y]].max() for y in shared]
+    gaps = _row_extent(left)[0][shared] - _row_extent(right)[1][shared]
     if np.median(gaps) < MIN_MEDIASTINUM * w:
         return "no mediastinum between the two dark regions"
     thorax = np.flatnonzero(left.any(0))[-1] - np.flatnonzero(right.any(0))[0]
@@ -230,20 +251,17 @@ def _between_lungs(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.
     rows = np.flatnonzero(right.any(1) & left.any(1))
     top, bottom = rows[0], rows[-1]
     mid = top + (bottom - top) // 2
-    heart, mediastinum = np.zeros_like(right), np.zeros_like(right)
-    gaps, widths = [], []
+    (r_out, r_in), (l_in, l_out) = (e[rows] for e in _row_extent(right)), (e[rows] for e in _row_extent(left))
+    widths = l_out - r_out
     cols = np.arange(w)
+    gap_rows = l_in > r_in
+    between = np.zeros_like(right)
+    between[rows] = gap_rows[:, None] & (cols > r_in[:, None]) & (cols < l_in[:, None])
+    heart, mediastinum = between.copy(), between
+    heart[:mid], mediastinum[mid:] = False, False
     ctr_rows = (top + CARDIAC_ROWS[0] * (bottom - top), top + CARDIAC_ROWS[1] * (bottom - top))
-    for y in rows:
-        r_in, l_in = cols[right[y]].max(), cols[left[y]].min()
-        widths.append(cols[left[y]].max() - cols[right[y]].min())
-        if l_in <= r_in:
-            continue
-        target = heart if y >= mid else mediastinum
-        target[y, r_in + 1: l_in] = True
-        if ctr_rows[0] <= y <= ctr_rows[1]:
-            gaps.append(l_in - r_in)
-    detail = {"thoracic_width_px": int(max(widths)), "cardiac_width_px": int(max(gaps)) if gaps else None,
+    gaps = (l_in - r_in)[gap_rows & (rows >= ctr_rows[0]) & (rows <= ctr_rows[1])]
+    detail = {"thoracic_width_px": int(widths.max()), "cardiac_width_px": int(gaps.max()) if gaps.size else None,
               "lung_rows": [int(top), int(bottom)], "work_size": WORK_SIZE}
     return heart, mediastinum, detail
 
@@ -281,7 +299,7 @@ def segment_chest(pixels: np.ndarray, body_part: str | None = None, view: str | 
             if contrast < MIN_MEDIASTINAL_CONTRAST:
                 reason = "the region between the dark fields is not brighter than them (no mediastinum)"
                 continue
-            body = ndi.binary_fill_holes(~outside) | right | left
+            body = _fill_holes(~outside) | right | left
             found.append((abs(factor - 1.0), rank, (right, left, heart, mediastinum, _largest(body)), detail))
         if len(found) >= MIN_AGREEING_THRESHOLDS:
             _, _, masks, detail = min(found, key=lambda item: item[:2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +15,33 @@ from medai.data.transforms import preprocess
 from medai.evaluation.calibration import probs_from_logits
 from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
                                    shortcut_warning)
-from medai.explain.cam import ExplainError, compute_cams, default_method
+from medai.explain.cam import ExplainError, compute_cams, default_method, resize_heatmap
 from medai.inference import Predictor
+
+
+class Heatmaps(Mapping[str, np.ndarray]):
+    """Label -> heatmap at the original image resolution, in [0, 1]. The maps are kept at model size and
+    each is resized on first access: a page shows one finding at a time, and the attention shares are
+    computed at the anatomy's working size, so most full-size maps are never needed."""
+
+    def __init__(self, small: dict[str, np.ndarray], size: tuple[int, int]):
+        self.small, self.size = small, size
+        self._full: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, label: str) -> np.ndarray:
+        if label not in self._full:
+            self._full[label] = resize_heatmap(self.small[label], self.size)
+        return self._full[label]
+
+    def at(self, label: str, size: tuple[int, int]) -> np.ndarray:
+        """The label's heatmap at another size (a display size), from the model-size map."""
+        return resize_heatmap(self.small[label], size)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.small)
+
+    def __len__(self) -> int:
+        return len(self.small)
 
 
 @dataclass
@@ -24,7 +50,7 @@ class Explanation:
     probabilities: list[float]
     thresholds: list[float]
     method: str
-    heatmaps: dict[str, np.ndarray]  # label -> H x W in [0, 1], original resolution
+    heatmaps: Heatmaps  # label -> H x W in [0, 1], original resolution, resized on first access
     anatomy: ChestAnatomy
     shares: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
@@ -75,7 +101,7 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
         return select_findings(predictor, probs, findings)
     t0 = time.perf_counter()
     cams = compute_cams(predictor.model, batch.to(predictor.device, memory_format=torch.channels_last), pick,
-                        method, image.pixels.shape, softmax=predictor.kind == "multiclass")
+                        method, softmax=predictor.kind == "multiclass")  # model-size maps
     timings["heatmaps"] = time.perf_counter() - t0
     classes = list(cams.heatmaps)  # in the order pick() chose them
     t0 = time.perf_counter()
@@ -85,11 +111,12 @@ def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str]
     else:
         anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
     timings["anatomy"] = time.perf_counter() - t0
-    heatmaps = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
+    small = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
+    heatmaps = Heatmaps(small, image.pixels.shape)
     result = Explanation(predictor.labels, probs, predictor.thresholds, method, heatmaps, anatomy,
                          ctr=ctr_summary(anatomy, image.meta.view), timings=timings)
     if anatomy.applicable:
-        for label, heat in heatmaps.items():
+        for label, heat in small.items():  # at model size: the shares are taken at the anatomy's size
             result.shares[label] = attention_shares(heat, anatomy)
             warning = shortcut_warning(result.shares[label])
             if warning:

@@ -6,12 +6,14 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 
 from medai.explain.anatomy import ChestAnatomy, mask_at
 
 # A perceptually ordered colormap (dark blue -> cyan -> yellow -> red), as RGB control points.
 _STOPS = np.array([[0.0, 0, 0, 0.5], [0.25, 0, 0.6, 1], [0.5, 0.2, 1, 0.6], [0.75, 1, 0.9, 0], [1.0, 1, 0, 0]])
+# Overlays shown on a page are rendered at most this large (a page column is narrower); downloads are
+# rendered at the original resolution.
+DISPLAY_MAX_SIDE = 1024
 CONTOUR_COLOURS = {"right_lung": (255, 80, 80), "left_lung": (80, 160, 255), "heart": (80, 255, 120)}
 
 
@@ -28,28 +30,63 @@ def _colormap_lut(levels: int = 1024) -> np.ndarray:
 _LUT = _colormap_lut()
 
 
+def _levels(values: np.ndarray) -> np.ndarray:
+    """[0, 1] array -> indices into the lookup table (NaN counts as 0)."""
+    v = np.clip(values, 0, 1).astype(np.float32, copy=True)
+    if np.isnan(v).any():
+        np.nan_to_num(v, copy=False, nan=0.0)
+    v *= len(_LUT) - 1
+    v += 0.5
+    return v.astype(np.intp)
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """[0, 1] array -> float RGB in [0, 1] (a 1024-level lookup table: finer than 8-bit output)."""
-    index = (np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * (len(_LUT) - 1) + 0.5).astype(np.intp)
-    return _LUT[index]
+    return _LUT[_levels(values)]
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The mask eroded by ``radius`` pixels along rows and columns (outside the image counts as empty):
+    four shifted ANDs, all a contour of the filled anatomy masks needs."""
+    inner = mask.copy()
+    inner[radius:] &= mask[:-radius]
+    inner[:-radius] &= mask[radius:]
+    inner[:, radius:] &= mask[:, :-radius]
+    inner[:, :-radius] &= mask[:, radius:]
+    inner[:radius], inner[-radius:], inner[:, :radius], inner[:, -radius:] = False, False, False, False
+    return inner
 
 
 def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.45,
                    anatomy: ChestAnatomy | None = None) -> np.ndarray:
-    """uint8 RGB of the original image with the heatmap blended in (weighted by its own strength)."""
+    """uint8 RGB of the original image with the heatmap blended in (weighted by its own strength):
+    each channel is image + alpha * (colour - image), alpha = opacity * heat, from per-level tables."""
     if heatmap.shape != pixels.shape:
         raise ValueError(f"heatmap {heatmap.shape} and image {pixels.shape} differ in shape")
-    base = np.repeat(np.clip(pixels, 0, 1)[..., None], 3, axis=-1)
-    alpha = float(np.clip(opacity, 0, 1)) * np.clip(heatmap, 0, 1)[..., None]
-    rgb = base * (1 - alpha) + colormap(heatmap) * alpha
-    out = (rgb * 255 + 0.5).astype(np.uint8)
+    levels = _levels(heatmap)
+    alpha = np.linspace(0, float(np.clip(opacity, 0, 1)), len(_LUT), dtype=np.float32).take(levels)
+    base = np.clip(pixels, 0, 1).astype(np.float32) * 255
+    out = np.empty(pixels.shape + (3,), dtype=np.uint8)
+    for c in range(3):
+        channel = (_LUT[:, c] * 255).take(levels)
+        channel -= base
+        channel *= alpha
+        channel += base
+        channel += 0.5
+        out[..., c] = channel  # float -> uint8 truncates, so + 0.5 rounds
     if anatomy is not None and anatomy.applicable:
         width = max(1, round(max(pixels.shape) / 400))
         for name, colour in CONTOUR_COLOURS.items():
             mask = mask_at(getattr(anatomy, name), pixels.shape)
-            edge = mask & ~ndi.binary_erosion(mask, iterations=width)
-            out[edge] = colour
+            out[mask & ~_erode(mask, width)] = colour
     return out
+
+
+def display_size(shape: tuple[int, ...], max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
+    """(height, width) of an image shown on screen: at most ``max_side`` pixels, aspect ratio kept."""
+    height, width = shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def to_png(rgb: np.ndarray) -> bytes:
