@@ -21,10 +21,10 @@ from _common import DATA, machine, median_time, table
 from medai.api import Options, analyze_one
 from medai.catalog import ModelEntry
 from medai.data.io import decode_image
-from medai.data.transforms import PreprocessSpec, preprocess
+from medai.data.transforms import PreprocessSpec, preprocess, resize_float
 from medai.explain.anatomy import segment_chest
-from medai.explain.cam import compute_cams, default_method
-from medai.explain.overlay import render_overlay
+from medai.explain.cam import compute_cams, default_method, resize_heatmap
+from medai.explain.overlay import DISPLAY_MAX_SIDE, display_size, render_overlay
 from medai.inference import Predictor
 from medai.models import create_model
 from medai.models.checkpoint import new_card, read_card, save_checkpoint
@@ -52,19 +52,24 @@ def ours(predictor: Predictor, entry: ModelEntry, path: Path, repeats: int) -> d
     img = decode_image(data)
     batch = preprocess(img.pixels, predictor.spec).unsqueeze(0)
     method = default_method(entry.card["architecture"])
-    heat = compute_cams(predictor.model, batch, [0], method, img.pixels.shape).heatmaps[0]
+    small = compute_cams(predictor.model, batch, [0], method).heatmaps[0]
+    heat = resize_heatmap(small, img.pixels.shape)
     anatomy = segment_chest(img.pixels, img.meta.body_part, img.meta.view, img.meta.modality)
     all_labels = list(range(len(NIH14)))
+    shape = display_size(img.pixels.shape)
+
+    def overlay_on_page() -> None:  # what the Analyze page renders: the overlay at display size
+        render_overlay(resize_float(img.pixels, shape), resize_heatmap(small, shape), 0.45, anatomy)
     return {
         "decode": median_time(lambda: decode_image(data), repeats),
         "preprocess": median_time(lambda: preprocess(img.pixels, predictor.spec), repeats),
         "forward": median_time(lambda: predictor.predict_tensor(batch), repeats),
-        "heatmap 1": median_time(lambda: compute_cams(predictor.model, batch, [0], method, img.pixels.shape), repeats),
-        "heatmaps 14": median_time(lambda: compute_cams(predictor.model, batch, all_labels, method, img.pixels.shape),
-                                   repeats),
+        "heatmap 1": median_time(lambda: compute_cams(predictor.model, batch, [0], method), repeats),
+        "heatmaps 14": median_time(lambda: compute_cams(predictor.model, batch, all_labels, method), repeats),
         "anatomy": median_time(lambda: segment_chest(img.pixels, img.meta.body_part, img.meta.view,
                                                      img.meta.modality), repeats),
         "overlay": median_time(lambda: render_overlay(img.pixels, heat, 0.45, anatomy), repeats),
+        "page overlay": median_time(overlay_on_page, repeats),
         # the whole API/Analyze path from bytes: decode, predict, heatmaps, anatomy, attention shares, JSON
         "end to end 1": median_time(lambda: analyze_one(predictor, entry, data, path.name,
                                                         Options(findings=[NIH14[0]])), repeats),
@@ -112,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    steps = ["decode", "preprocess", "forward", "heatmap 1", "heatmaps 14", "anatomy", "overlay"]
+    steps = ["decode", "preprocess", "forward", "heatmap 1", "heatmaps 14", "anatomy", "overlay", "page overlay"]
     rows, compare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, kwargs in ARCHITECTURES:
@@ -130,15 +135,17 @@ def main() -> None:
                                                                        "heatmap 1", "overlay")])
     print(f"## Analyze latency per step, 224 px models, 14 findings ({machine()})\n")
     print("Median ms. `heatmap 1` / `heatmaps 14`: the architecture's default CAM method for one finding / "
-          "for all 14 at once, mapped back to the original resolution. `end to end` is the Analyze/API "
-          "path from file bytes (`medai.api.analyze_one`: decode, predict, heatmaps for 1 or all 14 "
-          "findings at full resolution, anatomy, attention shares, CTR, result JSON; no overlay PNG).\n")
+          "for all 14 at once, at model size. `overlay`: one heatmap resized to the original resolution "
+          "and blended with lung and heart contours (a download); `page overlay`: the same at the Analyze "
+          f"page's display size (at most {DISPLAY_MAX_SIDE} px). `end to end` is the API path from file "
+          "bytes (`medai.api.analyze_one`: decode, predict, heatmaps for 1 or all 14 findings, anatomy, "
+          "attention shares, CTR, result JSON; no overlay PNG).\n")
     print(table(rows, ["architecture", "image"] + [f"{s} ms" for s in steps] + ["end to end 1 ms", "end to end 14 ms"]))
     print("\n### DenseNet121: medai vs torchxrayvision + pytorch-grad-cam (one finding)\n")
     print("theirs = `xrv.datasets.normalize` (or `xrv.utils.read_xray_dcm`), `XRayCenterCrop`, "
           "`XRayResizer(224)`, `xrv.models.DenseNet(weights=None)`, pytorch-grad-cam `GradCAM` on "
           "`features[-1]` for one finding, `show_cam_on_image` at 224 px (heatmap at model size, no anatomy). "
-          "ours = end to end as above, heatmaps at the original resolution.\n")
+          "ours = end to end as above (heatmaps at model size, like theirs, plus anatomy and attention shares).\n")
     print(table(compare, ["image", "theirs total ms", "ours 1 finding ms", "ours 14 findings ms",
                           "ours/theirs 1", "ours/theirs 14",
                           "their decode", "their preprocess", "their forward", "their gradcam", "their overlay"]))

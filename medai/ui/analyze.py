@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,11 @@ from PIL import Image
 from medai.analysis import (DISCLAIMER, Analysis, analyze_bytes, chest_check, decide, report_pdf, result_dict,
                             window)
 from medai.catalog import ModelEntry, default_index
+from medai.data.transforms import resize_float
 from medai.errors import MedaiError
 from medai.explain.cam import CAM_METHODS, default_method
 from medai.explain.explainer import Explanation, explain
-from medai.explain.overlay import render_overlay, to_png
+from medai.explain.overlay import display_size, render_overlay, to_png
 from medai.inference import Predictor
 from medai.store import Store, User
 from medai.ui.widgets import (available_models, cached_predictor, model_label, plain, probability_chart,
@@ -89,7 +91,7 @@ def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
 
 def _image_panel(analysis: Analysis) -> np.ndarray:
     meta = analysis.image.meta
-    pixels = analysis.image.pixels
+    pixels = resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape))
     if meta.source_format == "dicom":
         c1, c2 = st.columns(2)
         level = c1.slider("Level", 0.0, 1.0, 0.5, 0.01, key=f"level_{analysis.image_sha256}")
@@ -125,7 +127,10 @@ def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method:
     return cache[key]
 
 
-def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]) -> tuple[Explanation, np.ndarray]:
+def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]
+                   ) -> tuple[Explanation, np.ndarray, Callable[[], np.ndarray]]:
+    """The overlay on screen is rendered at display size; the returned function renders the download at the
+    original resolution, only when it is asked for."""
     c1, c2, c3 = st.columns([2, 2, 1])
     finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
     methods = list(CAM_METHODS)
@@ -135,10 +140,12 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]) -
     opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="heat_opacity")
     contours = st.checkbox("Outline lungs and heart", value=True, key="heat_contours")
     exp = _explanation(predictor, analysis, finding, method)
-    overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], opacity,
-                             exp.anatomy if contours else None)
+    anatomy = exp.anatomy if contours else None
+    pixels = analysis.image.pixels
+    shape = display_size(pixels.shape)
+    overlay = render_overlay(resize_float(pixels, shape), exp.heatmaps.at(finding, shape), opacity, anatomy)
     st.image(overlay, caption=f"{method} heatmap for {finding}", width="stretch")
-    return exp, overlay
+    return exp, overlay, lambda: render_overlay(pixels, exp.heatmaps[finding], opacity, anatomy)
 
 
 def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None:
@@ -148,7 +155,7 @@ def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None
     if not exp.anatomy.applicable:
         st.info(f"No anatomy map: {plain(exp.anatomy.reason)}")  # may quote DICOM tags
         return
-    if float(exp.heatmaps[finding].max()) <= 0:
+    if float(exp.heatmaps.small[finding].max()) <= 0:  # the model-size map: no resize needed
         st.info(f"{exp.method} finds no positive evidence for {finding} at the model's last layer (the heatmap "
                 "is empty), so there is no attention to place on the anatomy. Try gradcam++ or eigencam.")
     else:
@@ -164,9 +171,10 @@ def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None
         st.caption(f"{ctr['note']}. Segmentation confidence: {conf}.")
 
 
-def _downloads(result: dict[str, Any], shown: np.ndarray, overlay: np.ndarray, title: str, stem: str) -> None:
+def _downloads(result: dict[str, Any], shown: np.ndarray, overlay: np.ndarray,
+               full_overlay: Callable[[], np.ndarray], title: str, stem: str) -> None:
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Overlay PNG", lambda: to_png(overlay), f"{stem}_overlay.png", "image/png",
+    c1.download_button("Overlay PNG", lambda: to_png(full_overlay()), f"{stem}_overlay.png", "image/png",
                        on_click="ignore", icon=":material/image:")
     c2.download_button("Result JSON", json.dumps(result, indent=2), f"{stem}_result.json", "application/json",
                        on_click="ignore", icon=":material/data_object:")
@@ -202,10 +210,11 @@ def render_analyze(user: User) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Heatmap")
-        exp, overlay = _heatmap_panel(predictor, analysis, rows)
+        exp, overlay, full_overlay = _heatmap_panel(predictor, analysis, rows)
     with right:
         st.subheader("Anatomy")
         finding = st.session_state["heat_finding"]
         _anatomy_panel(predictor, exp, finding)
     result = result_dict(analysis, thresholds, predictor.ckpt.card, exp.to_dict())
-    _downloads(result, shown, overlay, f"{exp.method} heatmap for {finding}", analysis.file_name.rsplit(".", 1)[0])
+    _downloads(result, shown, overlay, full_overlay, f"{exp.method} heatmap for {finding}",
+               analysis.file_name.rsplit(".", 1)[0])
