@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--target-sensitivity", type=float)
     sh.add_argument("--notes", default="", help="what mattered in training (goes into the card)")
     sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")
+    ab = sub.add_parser("attach-baseline", help="report a baseline checkpoint in a shipped model's card")
+    ab.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
+    ab.add_argument("baseline", help="the baseline's checkpoint, shipped with `ship --out` to a scratch folder")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -314,6 +317,14 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attach_baseline(args: argparse.Namespace) -> int:
+    from medai.shipping import attach_baseline
+
+    path = attach_baseline(args.shipped, args.baseline)
+    print(f"{path} and {path.with_suffix('.md')} now report {Path(args.baseline).stem} as their baseline")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from medai import backup
     from medai.store import Store
@@ -367,7 +378,7 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "models": cmd_models, "users": cli_users.run, "tokens": cli_users.run_tokens, "serve": cmd_serve,
-            "ship": cmd_ship, "backup": cmd_backup, "doctor": cmd_doctor}
+            "ship": cmd_ship, "attach-baseline": cmd_attach_baseline, "backup": cmd_backup, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,10 +159,37 @@ def _baseline_summary(path: str | Path) -> dict[str, Any]:
     out = {"name": Path(path).stem, "architecture": other["architecture"], "macro": val["macro"],
            "ece_after": val["calibration"]["ece_after"],
            "auroc_ci95": {lab: c["auroc_ci95"] for lab, c in val["per_class"].items()},
-           "epochs_run": other.get("model_card", {}).get("training", {}).get("epochs_run")}
+           "epochs_run": other.get("model_card", {}).get("training", {}).get("epochs_run"),
+           "schedule": _schedule(other)}
     if "external" in other["metrics"]:
         out["external_macro_auroc"] = other["metrics"]["external"]["macro"]["auroc"]
     return out
+
+
+def _schedule(card: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs comparable: the data, the input size and the planned epochs."""
+    cfg = card.get("training_config", {})
+    return {"data": cfg.get("data", {}).get("root"), "image_size": card.get("preprocessing", {}).get("image_size"),
+            "epochs": cfg.get("train", {}).get("epochs")}
+
+
+def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
+    """Report ``baseline`` (a checkpoint shipped with ``ship``, e.g. to a scratch folder) in the card of
+    the already shipped ``shipped``, and re-render its Markdown. The weights are left as they are."""
+    shipped = Path(shipped)
+    loaded = load_checkpoint(shipped)
+    card = dict(loaded.card)
+    if "model_card" not in card:
+        raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
+    summary = _baseline_summary(baseline)
+    if summary["schedule"]["data"] != _schedule(card)["data"]:
+        raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on "
+                         f"{_schedule(card)['data']}: not comparable")
+    card["model_card"] = {**card["model_card"], "baseline": summary}
+    save_checkpoint(loaded.model, card, shipped, dtype=torch.float16)
+    card["model_card"]["file_mb"] = round(shipped.stat().st_size / 2**20, 1)
+    write_text(shipped.with_suffix(".md"), render_card(card))
+    return shipped
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -225,7 +252,11 @@ def render_card(card: dict[str, Any]) -> str:
                   *_metrics_table(ext, card["metrics"].get("external_reference"))]
     base = mc.get("baseline")
     if base:
-        lines += ["", "## Baseline", f"`{base['name']}` ({base['architecture']}, same data and schedule): "
+        ours, theirs = _schedule(card), base.get("schedule") or {}
+        same = ("same data and schedule" if theirs == ours else
+                f"same data; {theirs.get('image_size')} px, {theirs.get('epochs')} epochs planned")
+        lines += ["", "## Baseline", f"`{base['name']}` ({base['architecture']}, {same}; weights not shipped, "
+                  f"retrain with its recipe): "
                   f"validation macro AUROC {_num(base['macro']['auroc'])}, AP {_num(base['macro']['ap'])}, "
                   f"sensitivity {_num(base['macro']['sensitivity'])}, specificity "
                   f"{_num(base['macro']['specificity'])}, ECE after scaling {_num(base['ece_after'], 4)}"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from medai.config import load_config
-from medai.models.checkpoint import read_card
+from medai.models.checkpoint import load_checkpoint, read_card, save_checkpoint
 from medai.shipping import ship_run
 from medai.training.trainer import train
 from tests.conftest import need, run_cli, tiny_config
@@ -37,6 +40,20 @@ def test_ship_mnist_run_card_and_evaluate_reproduces(tmp_path: Path):
     assert again["macro"] == val["macro"] and again["calibration"]["ece_after"] == val["calibration"]["ece_after"]
     assert again["per_class"]["pneumonia"]["auroc_ci95"] == val["per_class"]["pneumonia"]["auroc_ci95"]
     assert "macro" in proc.stdout
+    # a baseline reported in the shipped card: its numbers and schedule, the weights untouched
+    base = ship_run(run_dir, "mnist-base", out_dir=tmp_path / "scratch", n_boot=50)
+    weights = load_file(str(out))
+    run_cli("attach-baseline", str(out), str(base), check=True)
+    summary = read_card(out)["model_card"]["baseline"]
+    assert summary["macro"] == read_card(base)["metrics"]["val"]["macro"]
+    assert all(torch.equal(t, load_file(str(out))[k]) for k, t in weights.items())
+    assert "## Baseline\n`mnist-base`" in out.with_suffix(".md").read_text()
+    assert "same data and schedule" in out.with_suffix(".md").read_text()
+    loaded = load_checkpoint(base)
+    other = {**loaded.card, "training_config": {**loaded.card["training_config"], "data": {"root": "elsewhere"}}}
+    save_checkpoint(loaded.model, other, base, dtype=torch.float16)
+    refused = run_cli("attach-baseline", str(out), str(base))
+    assert refused.returncode != 0 and "not comparable" in refused.stderr
 
 
 def test_ship_nih_run_reports_the_chexnet_reference(tmp_path: Path):
