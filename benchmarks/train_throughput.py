@@ -8,6 +8,8 @@ pipeline alone (cold decode vs warm decode cache).
   step records, first step excluded.
 * bare: the same model, AdamW, BCE-with-logits, batch and step count on one preloaded random batch, no
   data loading, no logging; first step excluded.
+* memory: peak RSS of the `medai train` process and peak PSS of it with its loader workers, sampled
+  every 0.2 s from /proc while it trains.
 * data: the trainer's Dataset + DataLoader alone (same workers, batch, augmentation), first with an empty
   decode cache (JPEG decode + resize), then with it warm.
 """
@@ -37,7 +39,52 @@ RECIPES = {"densenet121": "densenet_nih14.yaml", "hybrid_cnn_transformer": "hybr
            "vit_small": "vit_nih14.yaml"}
 
 
-def ours(arch: str, steps: int, batch: int, home: Path, cache: Path) -> float:
+def _tree(root: int) -> list[int]:
+    """``root`` and every process below it (the DataLoader workers)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += parents.get(pid, [])
+    return out
+
+
+def _kb(path: str, key: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_measuring_memory(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run ``cmd``; (peak RSS of its main process, peak PSS of it and its children summed) in MB, sampled
+    every 0.2 s. PSS shares the pages that forked loader workers have in common with their parent, so the
+    sum counts them once, as RSS summed would not."""
+    peak_rss = peak_pss = 0
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            peak_rss = max(peak_rss, _kb(f"/proc/{proc.pid}/status", "VmHWM:"))
+            peak_pss = max(peak_pss, sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in _tree(proc.pid)))
+            time.sleep(0.2)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')[-2000:]}")
+    return peak_rss / 1024, peak_pss / 1024
+
+
+def ours(arch: str, steps: int, batch: int, home: Path, cache: Path) -> tuple[float, float, float]:
+    """(images/s, peak RSS MB of the trainer process, peak PSS MB of trainer + loader workers)."""
     tree = yaml.safe_load((ROOT / "configs" / RECIPES[arch]).read_text())
     tree["data"].update({"max_samples": steps * batch + 64, "eval_root": None})
     tree["train"].update({"epochs": 1, "batch_size": batch, "max_steps_per_epoch": steps, "log_every": 1,
@@ -45,12 +92,11 @@ def ours(arch: str, steps: int, batch: int, home: Path, cache: Path) -> float:
     config = home / f"{arch}.yaml"
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "MEDAI_HOME": str(home), "MEDAI_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, "-m", "medai", "train", "--config", str(config)], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    rss, pss = run_measuring_memory([sys.executable, "-m", "medai", "train", "--config", str(config)], env)
     run = max((home / "results" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     records = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
     times = [r["time"] for r in records if r.get("type") == "step"]
-    return batch * (len(times) - 1) / (times[-1] - times[0])
+    return batch * (len(times) - 1) / (times[-1] - times[0]), rss, pss
 
 
 def bare(arch: str, steps: int, batch: int) -> float:
@@ -101,16 +147,17 @@ def main() -> None:
         cold, warm = data_pipeline(args.steps * args.batch + 64, args.batch, cache)  # also warms the cache
         rows = []
         for arch in args.archs:
-            o, b = ours(arch, args.steps, args.batch, home, cache), bare(arch, args.steps, args.batch)
-            rows.append([arch, args.batch, round(o, 2), round(b, 2), round(o / b, 3), round(warm, 1),
-                         "compute" if warm > 3 * o else "data"])
+            (o, rss, pss), b = ours(arch, args.steps, args.batch, home, cache), bare(arch, args.steps, args.batch)
+            rows.append([arch, args.batch, f"{o:.2f}", f"{b:.2f}", f"{o / b:.2f}", f"{warm:.1f}",
+                         "compute" if warm > 3 * o else "data", f"{rss:.0f}", f"{pss:.0f}"])
     print(f"## Training throughput, 224 px, NIH ChestX-ray14 ({machine()})\n")
     print(f"ours = `python -m medai train` (recipe settings, augmentation, 2 loader workers, warm decode cache), "
           f"bare = model + AdamW + BCE on one preloaded batch; {args.steps} steps, first excluded. Data pipeline "
           f"alone (Dataset + DataLoader, 2 workers, augmentation): {cold:.1f} images/s cold (JPEG decode + "
           f"resize), {warm:.1f} images/s with the decode cache warm.\n")
     print(table(rows, ["architecture", "batch", "ours images/s", "bare images/s", "ours/bare",
-                       "data alone images/s (warm)", "limited by"]))
+                       "data alone images/s (warm)", "limited by", "trainer peak RSS MB",
+                       "trainer + workers peak PSS MB"]))
 
 
 if __name__ == "__main__":
