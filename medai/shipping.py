@@ -255,13 +255,18 @@ def render_card(card: dict[str, Any]) -> str:
         ours, theirs = _schedule(card), base.get("schedule") or {}
         same = ("same data and schedule" if theirs == ours else
                 f"same data; {theirs.get('image_size')} px, {theirs.get('epochs')} epochs planned")
-        lines += ["", "## Baseline", f"`{base['name']}` ({base['architecture']}, {same}; weights not shipped, "
-                  f"retrain with its recipe): "
-                  f"validation macro AUROC {_num(base['macro']['auroc'])}, AP {_num(base['macro']['ap'])}, "
-                  f"sensitivity {_num(base['macro']['sensitivity'])}, specificity "
-                  f"{_num(base['macro']['specificity'])}, ECE after scaling {_num(base['ece_after'], 4)}"
-                  + (f"; external macro AUROC {_num(base['external_macro_auroc'])}"
-                     if base.get("external_macro_auroc") is not None else "") + "."]
+        has_ext = base.get("external_macro_auroc") is not None
+        lines += ["", "## Baseline", f"`{base['name']}`: {base['architecture']}, {same}, {base.get('epochs_run')} "
+                  "epochs run; weights not shipped (retrain with its recipe). Validation, macro over labels:", "",
+                  "| model | AUROC | AP | sensitivity | specificity | ECE after scaling |" +
+                  (" external AUROC |" if has_ext else ""), "|---|---|---|---|---|---|" + ("---|" if has_ext else "")]
+        external = card["metrics"].get("external", {}).get("macro", {}).get("auroc")
+        for label, m, ece, ext_auroc in ((mc["name"], val["macro"], cal["ece_after"], external),
+                                         (base["name"], base["macro"], base["ece_after"],
+                                          base.get("external_macro_auroc"))):
+            lines.append(f"| {label} | {_num(m['auroc'])} | {_num(m['ap'])} | {_num(m['sensitivity'])} | "
+                         f"{_num(m['specificity'])} | {_num(ece, 4)} |"
+                         + (f" {_num(ext_auroc)} |" if has_ext else ""))
     lines += ["", "## Intended use", mc["intended_use"], "", "## Known limitations", mc["limitations"], "",
               "Reproduce the validation numbers: `python -m medai evaluate --checkpoint "
               f"models/{mc['name']}.safetensors --data {mc.get('recipe') or 'configs/<recipe>.yaml'} --split val`",
