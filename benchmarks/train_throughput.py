@@ -8,8 +8,8 @@ pipeline alone (cold decode vs warm decode cache).
   step records, first step excluded.
 * bare: the same model, AdamW, BCE-with-logits, batch and step count on one preloaded random batch, no
   data loading, no logging; first step excluded.
-* memory: peak RSS of the `medai train` process and peak PSS of it with its loader workers, sampled
-  every 0.2 s from /proc while it trains.
+* memory: in a second, shorter run (6 steps), the `medai train` process's peak RSS (high-water mark) and
+  the peak PSS of it with its loader workers, sampled every second from /proc.
 * data: the trainer's Dataset + DataLoader alone (same workers, batch, augmentation), first with an empty
   decode cache (JPEG decode + resize), then with it warm.
 """
@@ -66,25 +66,30 @@ def _kb(path: str, key: str) -> int:
     return 0
 
 
-def run_measuring_memory(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run ``cmd``; (peak RSS of its main process, peak PSS of it and its children summed) in MB, sampled
-    every 0.2 s. PSS shares the pages that forked loader workers have in common with their parent, so the
-    sum counts them once, as RSS summed would not."""
+def run_measuring_memory(cmd: list[str], env: dict[str, str], every_s: float) -> tuple[float, float]:
+    """Run ``cmd``; (peak RSS of its main process, peak PSS of it and its children summed) in MB. The RSS
+    peak is the kernel's high-water mark; the PSS sum is sampled every ``every_s`` seconds. PSS shares the
+    pages that forked loader workers have in common with their parent, so the sum counts them once, as RSS
+    summed would not. Reading PSS walks a process's page tables (about 40 ms for 1.4 GB), so the timed
+    run is a separate one, unsampled."""
     peak_rss = peak_pss = 0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         while proc.poll() is None:
             peak_rss = max(peak_rss, _kb(f"/proc/{proc.pid}/status", "VmHWM:"))
-            peak_pss = max(peak_pss, sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in _tree(proc.pid)))
-            time.sleep(0.2)
+            if every_s:
+                peak_pss = max(peak_pss, sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in _tree(proc.pid)))
+            time.sleep(every_s or 0.2)
         if proc.returncode:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')[-2000:]}")
     return peak_rss / 1024, peak_pss / 1024
 
 
-def ours(arch: str, steps: int, batch: int, home: Path, cache: Path) -> tuple[float, float, float]:
-    """(images/s, peak RSS MB of the trainer process, peak PSS MB of trainer + loader workers)."""
+def ours(arch: str, steps: int, batch: int, home: Path, cache: Path, memory: bool = False
+         ) -> tuple[float, float, float]:
+    """(images/s, peak RSS MB of the trainer process, peak PSS MB of trainer + loader workers; 0 unless
+    ``memory``)."""
     tree = yaml.safe_load((ROOT / "configs" / RECIPES[arch]).read_text())
     tree["data"].update({"max_samples": steps * batch + 64, "eval_root": None})
     tree["train"].update({"epochs": 1, "batch_size": batch, "max_steps_per_epoch": steps, "log_every": 1,
@@ -92,7 +97,8 @@ def ours(arch: str, steps: int, batch: int, home: Path, cache: Path) -> tuple[fl
     config = home / f"{arch}.yaml"
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "MEDAI_HOME": str(home), "MEDAI_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
-    rss, pss = run_measuring_memory([sys.executable, "-m", "medai", "train", "--config", str(config)], env)
+    rss, pss = run_measuring_memory([sys.executable, "-m", "medai", "train", "--config", str(config)], env,
+                                    every_s=1.0 if memory else 0.0)
     run = max((home / "results" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     records = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
     times = [r["time"] for r in records if r.get("type") == "step"]
@@ -147,7 +153,8 @@ def main() -> None:
         cold, warm = data_pipeline(args.steps * args.batch + 64, args.batch, cache)  # also warms the cache
         rows = []
         for arch in args.archs:
-            (o, rss, pss), b = ours(arch, args.steps, args.batch, home, cache), bare(arch, args.steps, args.batch)
+            (o, _, _), b = ours(arch, args.steps, args.batch, home, cache), bare(arch, args.steps, args.batch)
+            _, rss, pss = ours(arch, 6, args.batch, home, cache, memory=True)
             rows.append([arch, args.batch, f"{o:.2f}", f"{b:.2f}", f"{o / b:.2f}", f"{warm:.1f}",
                          "compute" if warm > 3 * o else "data", f"{rss:.0f}", f"{pss:.0f}"])
     print(f"## Training throughput, 224 px, NIH ChestX-ray14 ({machine()})\n")

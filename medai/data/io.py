@@ -176,7 +176,7 @@ def _decode_raster(data: bytes, kind: str, label: str, limits: DecodeLimits) -> 
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
-    """Scaled to [0, 1] in a new float32 array (NaN becomes the minimum)."""
+    """Scaled to [0, 1] in a new float32 array."""
     arr = arr.astype(np.float32, copy=False)
     lo, hi = float(arr.min()), float(arr.max())  # NaN or inf here: take the slow, careful path
     if not np.isfinite(lo) or not np.isfinite(hi):
