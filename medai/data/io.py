@@ -275,6 +275,10 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
 
 
+# What pydicom raises for a malformed rescale or window element (also on first access: it parses lazily)
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, OverflowError)
+
+
 def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str]) -> tuple[np.ndarray, bool]:
     """Rescale and window as the file says; a malformed LUT or window is skipped with a note, not fatal:
     the min-max normalisation that follows still shows the image, which is what a viewer would do."""
@@ -282,16 +286,19 @@ def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str]) -> tuple[np.ndarray,
 
     try:
         arr = apply_modality_lut(arr, ds)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+    except _MALFORMED as exc:
         notes.append(f"modality rescale ignored (malformed: {exc})")
     if not any(k in ds for k in ("WindowCenter", "VOILUTSequence")):
         return arr, False
-    linear = _linear_window(arr, ds)
+    try:
+        linear = _linear_window(arr, ds)
+    except _MALFORMED:  # a damaged window element (pydicom parses lazily): pydicom's own path notes it below
+        linear = None
     if linear is not None:
         return linear, True
     try:
         windowed = apply_voi_lut(arr, ds)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+    except _MALFORMED as exc:
         notes.append(f"window / VOI LUT ignored (malformed: {exc})")
         return arr, False
     if not np.all(np.isfinite(np.asarray(windowed, dtype=np.float64))):
@@ -305,7 +312,8 @@ def _linear_window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     float32, ramping from 0 to 1: pydicom's ``apply_voi_lut`` computes the same ramp in float64 scaled to
     the output bit range, which the min-max normalisation that follows removes, at 10x the time. None
     (use pydicom) for a VOI LUT, the SIGMOID / LINEAR_EXACT functions and any window that is not two
-    finite numbers with width >= 1, so pydicom's checks and messages still apply to those."""
+    finite numbers with width >= 1, so pydicom's checks and messages still apply to those. Raises
+    ``_MALFORMED`` errors for window elements pydicom cannot parse."""
     from pydicom.multival import MultiValue
 
     function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
@@ -314,7 +322,7 @@ def _linear_window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     values = [ds.get("WindowCenter"), ds.get("WindowWidth")]
     try:
         center, width = (float(v[0] if isinstance(v, (MultiValue, list, tuple)) else v) for v in values)
-    except (TypeError, ValueError, IndexError, OverflowError):
+    except _MALFORMED:
         return None
     if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
         return None
