@@ -181,10 +181,10 @@ def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
     card = dict(loaded.card)
     if "model_card" not in card:
         raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
-    summary = _baseline_summary(baseline)
-    if summary["schedule"]["data"] != _schedule(card)["data"]:
-        raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on "
-                         f"{_schedule(card)['data']}: not comparable")
+    summary, ours = _baseline_summary(baseline), _schedule(card)["data"]
+    if summary["schedule"]["data"] != ours:
+        raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on {ours}: "
+                         "not comparable")
     card["model_card"] = {**card["model_card"], "baseline": summary}
     save_checkpoint(loaded.model, card, shipped, dtype=torch.float16)
     card["model_card"]["file_mb"] = round(shipped.stat().st_size / 2**20, 1)

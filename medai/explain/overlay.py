@@ -27,7 +27,7 @@ def _colormap_lut(levels: int = 1024) -> np.ndarray:
     return out.astype(np.float32)
 
 
-_LUT = _colormap_lut()
+_LUT = _colormap_lut()  # 1024 levels: finer than the 8-bit output
 
 
 def _levels(values: np.ndarray) -> np.ndarray:
@@ -38,11 +38,6 @@ def _levels(values: np.ndarray) -> np.ndarray:
     v *= len(_LUT) - 1
     v += 0.5
     return v.astype(np.intp)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """[0, 1] array -> float RGB in [0, 1] (a 1024-level lookup table: finer than 8-bit output)."""
-    return _LUT[_levels(values)]
 
 
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:

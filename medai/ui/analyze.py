@@ -89,9 +89,9 @@ def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
     return analyses[chosen[0] if chosen else 0]
 
 
-def _image_panel(analysis: Analysis) -> np.ndarray:
+def _image_panel(analysis: Analysis, pixels: np.ndarray) -> np.ndarray:
+    """``pixels``: the decoded image at display size."""
     meta = analysis.image.meta
-    pixels = resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape))
     if meta.source_format == "dicom":
         c1, c2 = st.columns(2)
         level = c1.slider("Level", 0.0, 1.0, 0.5, 0.01, key=f"level_{analysis.image_sha256}")
@@ -127,10 +127,10 @@ def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method:
     return cache[key]
 
 
-def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]
+def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray
                    ) -> tuple[Explanation, np.ndarray, Callable[[], np.ndarray]]:
-    """The overlay on screen is rendered at display size; the returned function renders the download at the
-    original resolution, only when it is asked for."""
+    """The overlay on screen is rendered on ``display`` (the image at display size); the returned function
+    renders the download at the original resolution, only when it is asked for."""
     c1, c2, c3 = st.columns([2, 2, 1])
     finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
     methods = list(CAM_METHODS)
@@ -142,8 +142,7 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict]
     exp = _explanation(predictor, analysis, finding, method)
     anatomy = exp.anatomy if contours else None
     pixels = analysis.image.pixels
-    shape = display_size(pixels.shape)
-    overlay = render_overlay(resize_float(pixels, shape), exp.heatmaps.at(finding, shape), opacity, anatomy)
+    overlay = render_overlay(display, exp.heatmaps.at(finding, display.shape), opacity, anatomy)
     st.image(overlay, caption=f"{method} heatmap for {finding}", width="stretch")
     return exp, overlay, lambda: render_overlay(pixels, exp.heatmaps[finding], opacity, anatomy)
 
@@ -199,10 +198,11 @@ def render_analyze(user: User) -> None:
         return
     analysis = _select(analyses, thresholds)
     rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
+    display = resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape))
     left, right = st.columns(2)
     with left:
         st.subheader(plain(analysis.file_name))
-        shown = _image_panel(analysis)
+        shown = _image_panel(analysis, display)
     with right:
         st.subheader("Findings")
         _findings_panel(rows)
@@ -210,7 +210,7 @@ def render_analyze(user: User) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Heatmap")
-        exp, overlay, full_overlay = _heatmap_panel(predictor, analysis, rows)
+        exp, overlay, full_overlay = _heatmap_panel(predictor, analysis, rows, display)
     with right:
         st.subheader("Anatomy")
         finding = st.session_state["heat_finding"]
