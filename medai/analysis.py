@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medai.data.io import DecodedImage
-from medai.explain.explainer import Explanation, explain
+from medai.explain.explainer import Explanation, Findings, explain
 from medai.inference import Prediction, Predictor
 
 DISCLAIMER = ("Decision support for trained readers, not a diagnosis. The model was trained on public research "
@@ -50,7 +50,7 @@ def analyze_bytes(predictor: Predictor, model_name: str, data: bytes, file_name:
 
 
 def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file_name: str,
-                        findings: str | list[str] = "positive", method: str | None = None
+                        findings: Findings = "positive", method: str | None = None
                         ) -> tuple[Analysis, Explanation]:
     """Decode, predict and explain in one forward pass: the heatmaps' forward pass gives the prediction
     (``analyze_bytes`` + ``explain`` would run the model twice)."""

@@ -76,3 +76,24 @@ def test_chest_model_warns_on_a_brain_mri_but_not_on_a_chest_film(chest_predicto
         a = segment_chest(pixels)
         warned += chest_check(chest_predictor, a.applicable, a.reason) is not None
     assert warned >= 0.7 * len(mri)  # the anatomy gate refuses most MRI slices (measured: 76% overall)
+
+
+def test_one_pass_analysis_explains_the_finding_a_callers_thresholds_pick(chest_predictor: Predictor):
+    """The Analyze page's first heatmap: the finding is chosen from the probabilities of the same forward
+    pass, with the page's thresholds, and the prediction equals the predictor's own."""
+    from medai.analysis import analyze_and_explain
+
+    path = need("dicom/siim_cxr_pa_mono2.dcm")
+    data = path.read_bytes()
+    seen: list[list[float]] = []
+
+    def pick(probabilities: list[float]) -> list[str]:
+        seen.append(list(probabilities))
+        return [decide(["NORMAL", "PNEUMONIA"], probabilities, {"NORMAL": 1.0, "PNEUMONIA": 0.0})[0]["finding"]]
+    analysis, exp = analyze_and_explain(chest_predictor, "demo", data, path.name, pick)
+    assert list(exp.heatmaps) == ["PNEUMONIA"]  # positive only at its threshold of 0
+    assert seen == [analysis.prediction.probabilities] and len(seen[0]) == 2
+    plain = analyze_bytes(chest_predictor, "demo", data, path.name)
+    np.testing.assert_allclose(analysis.prediction.probabilities, plain.prediction.probabilities, atol=1e-4)
+    heat = exp.heatmaps.small["PNEUMONIA"]
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.std() > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +70,15 @@ class Explanation:
         }
 
 
-def select_findings(predictor: Predictor, probabilities: list[float], findings: str | list[str]) -> list[int]:
-    """'all' = every label; 'positive' = those at or above threshold (the top one if none); or names."""
+Findings = str | list[str] | Callable[[list[float]], list[str]]
+
+
+def select_findings(predictor: Predictor, probabilities: list[float], findings: Findings) -> list[int]:
+    """'all' = every label; 'positive' = those at or above threshold (the top one if none); names; or a
+    function of the probabilities that returns names (a caller's own thresholds)."""
     labels = predictor.labels
+    if callable(findings):
+        findings = findings(probabilities)
     if findings == "all":
         return list(range(len(labels)))
     if findings == "positive":
@@ -84,7 +90,7 @@ def select_findings(predictor: Predictor, probabilities: list[float], findings: 
     return [labels.index(f) for f in findings]
 
 
-def explain(predictor: Predictor, image: DecodedImage, findings: str | list[str] = "positive",
+def explain(predictor: Predictor, image: DecodedImage, findings: Findings = "positive",
             method: str | None = None, probabilities: list[float] | None = None) -> Explanation:
     """``probabilities``: the predictor's output for ``image`` when the caller already has it. Without
     them, the heatmaps' own forward pass gives the prediction (``Explanation.probabilities``): one forward

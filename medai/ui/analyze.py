@@ -11,8 +11,8 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from medai.analysis import (DISCLAIMER, Analysis, analyze_bytes, chest_check, decide, report_pdf, result_dict,
-                            window)
+from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, chest_check, decide, report_pdf,
+                            result_dict, window)
 from medai.catalog import ModelEntry, default_index
 from medai.data.transforms import resize_float
 from medai.errors import MedaiError
@@ -30,16 +30,39 @@ def _pick_model(entries: list[ModelEntry]) -> ModelEntry:
     return st.sidebar.selectbox("Model", entries, index=default_index(entries), format_func=model_label, key="analyze_model")
 
 
-def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list) -> list[Analysis]:
-    """Analyze each upload once per model (kept in the session); errors are shown per file."""
+def _heatmap_method(predictor: Predictor) -> str:
+    return st.session_state.get("heat_method") or default_method(predictor.ckpt.card["architecture"])
+
+
+def _first_heatmap(labels: list[str], thresholds: dict[str, float]) -> Callable[[list[float]], list[str]]:
+    """The finding the heatmap panel will show first, from the probabilities: the one still selected, or
+    the top row of the findings table."""
+    def pick(probabilities: list[float]) -> list[str]:
+        chosen = st.session_state.get("heat_finding")
+        return [chosen if chosen in labels else decide(labels, probabilities, thresholds)[0]["finding"]]
+    return pick
+
+
+def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list,
+              thresholds: dict[str, float]) -> list[Analysis]:
+    """Analyze each upload once per model (kept in the session); errors are shown per file. The first
+    upload's prediction comes from the forward pass of the heatmap the page shows first (one pass, not two);
+    the rest are predicted only, and explained when selected."""
     cache: dict[tuple[str, str], Analysis | str] = st.session_state.setdefault("analyses", {})
     out = []
-    for upload in uploads:
+    for i, upload in enumerate(uploads):
         key = (predictor.ckpt.sha256, upload.file_id)
         if key not in cache:
             try:
-                cache[key] = analyze_bytes(predictor, entry.name, upload.getvalue(), upload.name)
-                _record(user, cache[key], predictor)
+                if i == 0:
+                    method = _heatmap_method(predictor)
+                    analysis, exp = analyze_and_explain(predictor, entry.name, upload.getvalue(), upload.name,
+                                                        _first_heatmap(predictor.labels, thresholds), method)
+                    _explanations()[(predictor.ckpt.sha256, analysis.image_sha256, *exp.heatmaps, method)] = exp
+                else:
+                    analysis = analyze_bytes(predictor, entry.name, upload.getvalue(), upload.name)
+                cache[key] = analysis
+                _record(user, analysis, predictor)
             except MedaiError as exc:
                 cache[key] = str(exc)
         if isinstance(cache[key], str):
@@ -118,8 +141,12 @@ def _findings_panel(rows: list[dict]) -> None:
     st.plotly_chart(probability_chart(rows), key="prob_chart")
 
 
+def _explanations() -> dict[tuple, Explanation]:
+    return st.session_state.setdefault("explanations", {})
+
+
 def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method: str) -> Explanation:
-    cache: dict[tuple, Explanation] = st.session_state.setdefault("explanations", {})
+    cache = _explanations()
     key = (predictor.ckpt.sha256, analysis.image_sha256, finding, method)
     if key not in cache:
         with st.spinner(f"Computing {method} heatmap for {finding}..."):
@@ -193,7 +220,7 @@ def render_analyze(user: User) -> None:
     thresholds = _thresholds(predictor)
     uploads = st.file_uploader("Chest X-rays (PNG, JPEG or DICOM)", accept_multiple_files=True, key="uploads",
                                help="The type is read from the file's content; DICOM files need no extension.")
-    analyses = _analyses(user, entry, predictor, uploads or [])
+    analyses = _analyses(user, entry, predictor, uploads or [], thresholds)
     if not analyses:
         return
     analysis = _select(analyses, thresholds)
