@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medai.analysis import analyze_bytes, chest_check, confidence_band, decide, report_pdf, result_dict, window
+from medai.analysis import (analyze_and_explain, analyze_bytes, chest_check, confidence_band, decide, report_pdf,
+                            result_dict, window)
 from medai.explain.anatomy import segment_chest
 from medai.inference import Predictor
 from medai.models import create_model
@@ -81,8 +82,6 @@ def test_chest_model_warns_on_a_brain_mri_but_not_on_a_chest_film(chest_predicto
 def test_one_pass_analysis_explains_the_finding_a_callers_thresholds_pick(chest_predictor: Predictor):
     """The Analyze page's first heatmap: the finding is chosen from the probabilities of the same forward
     pass, with the page's thresholds, and the prediction equals the predictor's own."""
-    from medai.analysis import analyze_and_explain
-
     path = need("dicom/siim_cxr_pa_mono2.dcm")
     data = path.read_bytes()
     seen: list[list[float]] = []

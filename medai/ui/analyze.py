@@ -11,8 +11,8 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, chest_check, decide, report_pdf,
-                            result_dict, window)
+from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, chest_check, decide,
+                            report_pdf, result_dict, window)
 from medai.catalog import ModelEntry, default_index
 from medai.data.transforms import resize_float
 from medai.errors import MedaiError
