@@ -58,7 +58,7 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
                     method = _heatmap_method(predictor)
                     analysis, exp = analyze_and_explain(predictor, entry.name, upload.getvalue(), upload.name,
                                                         _first_heatmap(predictor.labels, thresholds), method)
-                    _explanations()[(predictor.ckpt.sha256, analysis.image_sha256, *exp.heatmaps, method)] = exp
+                    _explanations()[_explanation_key(predictor, analysis, next(iter(exp.heatmaps)), method)] = exp
                 else:
                     analysis = analyze_bytes(predictor, entry.name, upload.getvalue(), upload.name)
                 cache[key] = analysis
@@ -145,9 +145,13 @@ def _explanations() -> dict[tuple, Explanation]:
     return st.session_state.setdefault("explanations", {})
 
 
+def _explanation_key(predictor: Predictor, analysis: Analysis, finding: str, method: str) -> tuple:
+    return predictor.ckpt.sha256, analysis.image_sha256, finding, method
+
+
 def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method: str) -> Explanation:
     cache = _explanations()
-    key = (predictor.ckpt.sha256, analysis.image_sha256, finding, method)
+    key = _explanation_key(predictor, analysis, finding, method)
     if key not in cache:
         with st.spinner(f"Computing {method} heatmap for {finding}..."):
             cache[key] = explain(predictor, analysis.image, [finding], method, analysis.prediction.probabilities)

@@ -129,6 +129,9 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     captions = [c for img in at.image for c in img.captions]
     assert any("heatmap for PNEUMONIA" in c for c in captions) and any("JPEG" in c for c in captions)
     assert any("Segmentation confidence" in c.value for c in at.caption)  # the anatomy panel's CTR
+    # the heatmap shown is the one the upload's own forward pass made: no second explanation was computed
+    (key,) = at.session_state["explanations"].keys()
+    assert key[2:] == ("PNEUMONIA", at.selectbox(key="heat_method").value)
     entry = Store().history(username="rita")[0]
     assert entry.model == "pneumonia-hybrid" and entry.findings == ["PNEUMONIA"] and not entry.has_pixels
     assert "PNEUMONIA" in str(Store().audit_log(action="analysis"))
