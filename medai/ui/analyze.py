@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -45,13 +46,14 @@ def _first_heatmap(labels: list[str], thresholds: dict[str, float]) -> Callable[
 
 def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list,
               thresholds: dict[str, float]) -> list[Analysis]:
-    """Analyze each upload once per model (kept in the session); errors are shown per file. The first
+    """Analyze each upload once per model (kept in the session, by content and name, so the same file
+    uploaded again is neither analysed nor saved to History twice); errors are shown per file. The first
     upload's prediction comes from the forward pass of the heatmap the page shows first (one pass, not two);
     the rest are predicted only, and explained when selected."""
-    cache: dict[tuple[str, str], Analysis | str] = st.session_state.setdefault("analyses", {})
+    cache: dict[tuple[str, str, str], Analysis | str] = st.session_state.setdefault("analyses", {})
     out = []
     for i, upload in enumerate(uploads):
-        key = (predictor.ckpt.sha256, upload.file_id)
+        key = (predictor.ckpt.sha256, hashlib.sha256(upload.getvalue()).hexdigest(), upload.name)
         if key not in cache:
             try:
                 if i == 0:

@@ -135,6 +135,10 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     entry = Store().history(username="rita")[0]
     assert entry.model == "pneumonia-hybrid" and entry.findings == ["PNEUMONIA"] and not entry.has_pixels
     assert "PNEUMONIA" in str(Store().audit_log(action="analysis"))
+    # the same file uploaded again (a new upload id) is neither analysed nor saved again
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
+    assert not at.exception and len(at.session_state["analyses"]) == 1
+    assert [e.id for e in Store().history(username="rita")] == [entry.id]
 
 
 def test_threshold_slider_re_decides(medai_home: Path):
