@@ -53,16 +53,17 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
     cache: dict[tuple[str, str, str], Analysis | str] = st.session_state.setdefault("analyses", {})
     out = []
     for i, upload in enumerate(uploads):
-        key = (predictor.ckpt.sha256, hashlib.sha256(upload.getvalue()).hexdigest(), upload.name)
+        data = upload.getvalue()
+        key = (predictor.ckpt.sha256, hashlib.sha256(data).hexdigest(), upload.name)
         if key not in cache:
             try:
                 if i == 0:
                     method = _heatmap_method(predictor)
-                    analysis, exp = analyze_and_explain(predictor, entry.name, upload.getvalue(), upload.name,
+                    analysis, exp = analyze_and_explain(predictor, entry.name, data, upload.name,
                                                         _first_heatmap(predictor.labels, thresholds), method)
                     _explanations()[_explanation_key(predictor, analysis, next(iter(exp.heatmaps)), method)] = exp
                 else:
-                    analysis = analyze_bytes(predictor, entry.name, upload.getvalue(), upload.name)
+                    analysis = analyze_bytes(predictor, entry.name, data, upload.name)
                 cache[key] = analysis
                 _record(user, analysis, predictor)
             except MedaiError as exc:
