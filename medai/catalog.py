@@ -61,6 +61,22 @@ def list_models(include_runs: bool = True) -> tuple[list[ModelEntry], list[str]]
     return entries, problems
 
 
+def starting_weights() -> dict[str, str]:
+    """What a run may start from, title -> ``model.pretrained`` value: random initialisation, the ImageNet
+    weights of every installed weights package, then every checkpoint this installation can serve."""
+    from medai.models.pretrained import WEIGHT_SOURCES
+
+    options = {"none (random initialisation)": ""}
+    for source in WEIGHT_SOURCES.values():
+        try:
+            source.path()
+        except MedaiError:
+            continue  # package not installed: not offered
+        options[source.title] = source.key
+    entries, _problems = list_models()
+    return options | {f"{e.name} ({e.source})": str(e.path) for e in entries}
+
+
 def default_index(entries: list[ModelEntry]) -> int:
     """Position of :data:`DEFAULT_MODEL` in ``entries`` (the first entry when it is absent)."""
     names = [e.name for e in entries]

@@ -273,7 +273,11 @@ def cmd_models(_args: argparse.Namespace) -> int:
     from medai.models.checkpoint import read_card
     from medai.paths import SHIPPED_MODELS_DIR, medai_home
 
+    from medai.catalog import starting_weights
+
     print("architectures:", ", ".join(list_models()))
+    print("starting weights (model.pretrained):", ", ".join(
+        f"{title} = {value}" for title, value in starting_weights().items() if value and not value.endswith(".safetensors")))
     folders = {SHIPPED_MODELS_DIR, medai_home() / "models"}
     found = sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*.safetensors")})
     print("checkpoints:" if found else "checkpoints: none yet (train one with python -m medai train)")

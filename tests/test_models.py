@@ -22,12 +22,16 @@ SMALL = {  # fast variants of each family at 64 px
     "vit_tiny": {"image_size": 64, "patch_size": 8},
     "densenet121": {},
     "resnet18": {},
+    "efficientnet_lite0": {},
+    "hybrid_lite": {"image_size": 64, "backbone": "efficientnet-lite0", "d_model": 64, "num_heads": 4,
+                    "num_layers": 1},
 }
+ARCHITECTURE = {"hybrid_lite": "hybrid_cnn_transformer"}
 
 
 def build(name: str, n: int = 2, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return create_model(name, n, **SMALL[name])
+    return create_model(ARCHITECTURE.get(name, name), n, **SMALL[name])
 
 
 def test_registry_lists_all_families():
@@ -102,7 +106,7 @@ def test_each_architecture_learns_on_real_images(name):
 
 
 def card_for(name: str, labels=("NORMAL", "PNEUMONIA")) -> dict:
-    return new_card(name, SMALL[name], "multiclass", list(labels), PreprocessSpec(64).to_dict())
+    return new_card(ARCHITECTURE.get(name, name), SMALL[name], "multiclass", list(labels), PreprocessSpec(64).to_dict())
 
 
 @pytest.mark.parametrize("name", SMALL)

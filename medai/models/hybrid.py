@@ -1,7 +1,11 @@
-"""Hybrid CNN-Transformer: a conv stem builds a feature grid, a Transformer encoder relates its cells.
+"""Hybrid CNN-Transformer: a CNN builds a feature grid, a Transformer encoder relates its cells.
 
-conv stem (3 conv-BN-ReLU blocks, 64-128-256 channels, /8) -> 2x2 patch projection (/16) -> tokens
-+ learned positional embedding (interpolated for other image sizes) + CLS -> TransformerEncoder
+CNN part, one of two:
+- ``backbone=None`` (from scratch): 3 conv-BN-ReLU blocks, 64-128-256 channels, /8 -> 2x2 patch projection (/16);
+- ``backbone="efficientnet-lite0"`` (or -lite1/-lite2): the EfficientNet-Lite stem and MBConv stages up to
+  stride 16 (ImageNet weights with ``model.pretrained: imagenet-efficientnet-lite0``; the first
+  ``frozen_blocks`` kept fixed) -> 1x1 projection;
+then tokens + learned positional embedding (interpolated for other image sizes) + CLS -> TransformerEncoder
 (d=256, 8 heads, 4 layers, dropout 0.1) -> MLP head 256-128-n on the CLS token.
 """
 
@@ -11,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medai.models.efficientnet import blocks_at_stride, build_lite, frozen_lite_modules, run_blocks
 from medai.models.registry import MedaiModel, register_model
 
 
@@ -27,11 +32,22 @@ class HybridCNNTransformer(MedaiModel):
 
     def __init__(self, num_classes: int, image_size: int = 224, d_model: int = 256, num_heads: int = 8,
                  num_layers: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.1,
-                 stem_channels: tuple[int, int, int] = (64, 128, 256), head_hidden: int = 128):
+                 stem_channels: tuple[int, int, int] = (64, 128, 256), head_hidden: int = 128,
+                 backbone: str | None = None, frozen_blocks: int = 0):
         super().__init__()
-        c1, c2, c3 = stem_channels
-        self.stem = nn.Sequential(conv_block(1, c1, stride=2), conv_block(c1, c2), conv_block(c2, c3, pool=False))
-        self.proj = nn.Conv2d(c3, d_model, kernel_size=2, stride=2)
+        self.frozen_blocks = frozen_blocks
+        if backbone is None:
+            c1, c2, c3 = stem_channels
+            self.stem = nn.Sequential(conv_block(1, c1, stride=2), conv_block(c1, c2),
+                                      conv_block(c2, c3, pool=False))
+            self.proj = nn.Conv2d(c3, d_model, kernel_size=2, stride=2)
+            if frozen_blocks:
+                raise ValueError("frozen_blocks needs a pretrained backbone")
+        else:
+            full = build_lite(backbone)
+            self.stem = build_lite(backbone, blocks=blocks_at_stride(full, 16))
+            frozen_lite_modules(self.stem, frozen_blocks)  # validates the count
+            self.proj = nn.Conv2d(self.stem._blocks[-1]._bn2.num_features, d_model, kernel_size=1)
         self.base_grid = max(1, image_size // 16)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid * self.base_grid, d_model))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
@@ -52,8 +68,16 @@ class HybridCNNTransformer(MedaiModel):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return frozen_lite_modules(self.stem, self.frozen_blocks) if self.frozen_blocks else []
+
+    def _cnn(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.stem, nn.Sequential):
+            return self.stem(x)
+        return run_blocks(self.stem, x, self.frozen_blocks)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.proj(self.stem(x))
+        grid = self.proj(self._cnn(x))
         b, d, h, w = grid.shape
         self._grid = (h, w)
         tokens = grid.flatten(2).transpose(1, 2) + self._pos_embed_for(h, w)
@@ -71,7 +95,8 @@ class HybridCNNTransformer(MedaiModel):
         # The CNN stem's feature map (stride 8): gradients reach it through every transformer layer, and it
         # has twice the token grid's resolution. The last layer's input norm (the usual ViT choice) gave
         # empty maps for 57-67% of pneumonia images with gradient methods (benchmarks/RESULTS.md).
-        return [self.stem]
+        # With a pretrained backbone: its last stage (stride 16, the token grid).
+        return [self.stem] if isinstance(self.stem, nn.Sequential) else [self.stem._blocks[-1]]
 
     def cam_reshape_transform(self, activations: torch.Tensor) -> torch.Tensor:
         """Token sequences -> (B, C, H, W) grids; feature maps (the stem) pass through unchanged."""

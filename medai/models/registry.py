@@ -39,6 +39,21 @@ class MedaiModel(nn.Module):
         """Parameters trained in the first stage of two-stage fine-tuning."""
         return list(self.classifier.parameters())
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Pretrained layers kept fixed in training (weights and BatchNorm statistics); none by default."""
+        return []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained after the head stage: all but those of :meth:`frozen_modules`."""
+        frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    def train(self, mode: bool = True) -> "MedaiModel":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
     def cam_target_layers(self) -> list[nn.Module]:
         raise NotImplementedError
 
@@ -64,7 +79,8 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
                  **kwargs: Any) -> MedaiModel:
-    """Build a registered architecture. ``pretrained`` is a path to a local state dict."""
+    """Build a registered architecture. ``pretrained`` is a path to a local state dict or the key of a
+    packaged weight source (:data:`medai.models.pretrained.WEIGHT_SOURCES`)."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     if in_chans != 1:

@@ -84,6 +84,7 @@ def device_of(cfg: ExperimentConfig) -> str:
 
 def check_launchable(cfg: ExperimentConfig) -> None:
     """Refuse, with a reason, what would fail in the job process anyway."""
+    from medai.models.pretrained import weight_source
     from medai.models.registry import list_models
     from medai.training.amp import resolve_device, resolve_precision
     from medai.training.distributed import check_nproc
@@ -94,7 +95,10 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"dataset {cfg.data.root!r} was not found under {resolve_data_path('.')}")
     if cfg.model.name not in list_models():
         raise ConfigError(f"unknown architecture {cfg.model.name!r}; available: {', '.join(list_models())}")
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
+    named = weight_source(cfg.model.pretrained)
+    if named is not None:
+        named.path()  # a missing package is refused here, with what to install
+    elif cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
         raise ConfigError(f"starting checkpoint {cfg.model.pretrained} does not exist")
     resolve_precision(cfg.train.amp, resolve_device(cfg.train.device))  # e.g. fp16 on CPU is refused
     check_nproc(cfg.train.nproc_per_node, resolve_device(cfg.train.device))

@@ -37,6 +37,7 @@ from medai.evaluation.calibration import probs_from_logits
 from medai.evaluation.report import evaluate_logits, write_predictions_csv
 from medai.models import create_model
 from medai.models.checkpoint import new_card, save_checkpoint, update_card
+from medai.models.pretrained import weight_source
 from medai.paths import cache_dir, runs_dir
 from medai.training import distributed
 from medai.training.amp import resolve_device, resolve_precision
@@ -168,7 +169,7 @@ class Trainer:
         stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"])
         self.card_base = dict(architecture=cfg.model.name, model_kwargs=model_kwargs, task_kind=self.kind,
                               labels=self.labels, preprocessing=self.spec.to_dict(), task_name=cfg.name,
-                              body_part=cfg.data.body_part,
+                              body_part=cfg.data.body_part, starting_weights=starting_weights(cfg.model.pretrained),
                               training_config=cfg.to_dict(), data_summary=self._data_summary(recset, train, val),
                               distributed={"world_size": ctx.world_size, "backend": ctx.backend,
                                            "per_process_batch": t.batch_size,
@@ -270,9 +271,9 @@ class Trainer:
         """Freeze all but the head in stage one; returns the module to train (the DDP wrapper, rebuilt
         when the set of trainable parameters changes, since DDP registers them when it is built)."""
         head_only = epoch < self.cfg.train.head_epochs
-        head = {id(p) for p in model.head_parameters()}
+        trained = {id(p) for p in (model.head_parameters() if head_only else model.trainable_parameters())}
         for p in model.parameters():
-            p.requires_grad_(not head_only or id(p) in head)
+            p.requires_grad_(id(p) in trained)
         if not self.ctx.enabled:
             return model
         if self._stage != head_only:
@@ -382,6 +383,14 @@ class Trainer:
         write_predictions_csv(self.run_dir / "predictions_external.csv", preds["ids"], preds["patients"],
                               preds["targets"], probs, self.labels)
         return {"root": root, **metrics}
+
+
+def starting_weights(pretrained: str | None) -> dict[str, str] | None:
+    """What the card says of the weights a run started from (packaged source with its licence, or a file)."""
+    if not pretrained:
+        return None
+    named = weight_source(pretrained)
+    return named.card() if named else {"source": "file", "file": Path(pretrained).name}
 
 
 def train(cfg: ExperimentConfig, callbacks: list[Callback] | None = None) -> Path:

@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 
 from medai.config import DataConfig, load_config
 from medai.errors import MedaiError
+from medai.models.pretrained import weight_source
 from medai.models.registry import list_models
 from medai.paths import PROJECT_ROOT, data_dir, medai_home
 from medai.store import User
@@ -61,19 +62,23 @@ def _overrides(cfg, form: dict) -> list[str]:
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
     if form["pretrained"].strip():
         sets.append(f"model.pretrained={form['pretrained'].strip()}")
+        named = weight_source(form["pretrained"].strip())
+        if named:  # the normalisation the weights were trained with
+            sets += [f"preprocess.{key}={value}" for key, value in named.preprocessing.items()]
     return sets
 
 
 def _starting_weights(key: str) -> str:
-    """Fine-tune from a checkpoint the catalog knows (shipped, installed or a finished run), never from a
-    typed server path: nothing typed here can make the server read files outside those folders."""
-    from medai.catalog import list_models as list_checkpoints
+    """Fine-tune from ImageNet weights a package ships or a checkpoint the catalog knows (shipped,
+    installed or a finished run), never from a typed server path: nothing typed here can make the server
+    read files outside those folders."""
+    from medai.catalog import starting_weights
 
-    entries, _problems = list_checkpoints()
-    options = {"none (random initialisation)": ""} | {f"{e.name} ({e.source})": str(e.path) for e in entries}
+    options = starting_weights()
     choice = st.selectbox("Starting weights", list(options), key=f"pre_{key}",
-                          help="Initialise from a trained checkpoint's weights where their shapes match "
-                               "(the head is re-initialised when the labels differ).")
+                          help="Initialise from ImageNet weights (EfficientNet-Lite architectures and the hybrid "
+                               "with an EfficientNet-Lite backbone) or a trained checkpoint's weights where their "
+                               "shapes match (the head is re-initialised when the labels differ).")
     return options[choice]
 
 

