@@ -8,6 +8,7 @@ the arguments, and a failing example can be written to the corpus as the bytes i
 
 from __future__ import annotations
 
+import logging
 import io
 import struct
 import zlib
@@ -49,7 +50,16 @@ def _dicom(data: Path, pixels: np.ndarray, syntax: str) -> bytes:
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if syntax != "explicit":
+    if syntax == "jpeg":  # JPEG baseline (8-bit): Pillow's encoder, encapsulated as a modality would
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import JPEGBaseline8Bit
+
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PhotometricInterpretation, ds.WindowCenter, ds.WindowWidth = "MONOCHROME2", 128, 256
+        frame = _encode(Image.fromarray(np.round(pixels / pixels.max() * 255).astype(np.uint8)), "JPEG", quality=90)
+        ds.PixelData, ds.file_meta.TransferSyntaxUID = encapsulate([frame]), JPEGBaseline8Bit
+        ds["PixelData"].is_undefined_length, ds["PixelData"].VR = True, "OB"
+    elif syntax != "explicit":
         from pydicom.uid import JPEG2000Lossless, RLELossless
         ds.compress({"rle": RLELossless, "j2k": JPEG2000Lossless}[syntax], encoding_plugin="pylibjpeg"
                     if syntax == "j2k" else "")
@@ -75,6 +85,7 @@ def seeds(data: Path) -> dict[str, bytes]:
         "dicom_explicit": _dicom(data, chest * 4095, "explicit"),
         "dicom_rle": _dicom(data, chest * 4095, "rle"),
     }
+    out["dicom_jpeg"] = _dicom(data, chest * 4095, "jpeg")
     try:
         out["dicom_j2k"] = _dicom(data, chest * 4095, "j2k")
     except Exception:  # noqa: BLE001 - no JPEG 2000 encoder installed: fuzz the other seeds
@@ -90,6 +101,20 @@ def flip_bytes(data: bytes, positions: list[int], values: list[int]) -> bytes:
     buf = bytearray(data)
     for pos, val in zip(positions, values):
         buf[pos % len(buf)] = val & 0xFF
+    return bytes(buf)
+
+
+def flip_bits(data: bytes, seed: int, attempt: int, tail: int) -> bytes:
+    """The ``attempt``-th of a seeded series of mutations that flip 1, 8 or 64 random bits in the last
+    ``tail`` bytes (where a DICOM's compressed pixel data lies)."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(attempt):
+        buf = bytearray(data)
+        for _ in range(rng.choice([1, 8, 64])):
+            j = rng.randrange(len(buf) - tail, len(buf))
+            buf[j] ^= 1 << rng.randrange(8)
     return bytes(buf)
 
 
@@ -235,11 +260,32 @@ def check_decoded(result: DecodedImage) -> None:
     assert (result.meta.height, result.meta.width) == p.shape
 
 
+class _Tracebacks(logging.Handler):
+    """Collects log records that carry a traceback (a library logging its own failure)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
 def decode_or_specific_error(data: bytes) -> str:
-    """'ok' or the ImageDecodeError subclass's name; anything else propagates and fails the test."""
+    """'ok' or the ImageDecodeError subclass's name; anything else propagates and fails the test, and so
+    does a traceback logged on the way (pydicom logs one per failed decoder plugin) or a message that
+    shows Python internals (object reprs with memory addresses)."""
+    catcher = _Tracebacks()
+    root = logging.getLogger()
+    root.addHandler(catcher)
     try:
         check_decoded(decode_image(data, name="fuzz.bin"))
         return "ok"
     except ImageDecodeError as exc:
         assert str(exc).startswith("fuzz.bin: ") and len(str(exc)) > 30, str(exc)  # names the file, says why
+        assert " at 0x" not in str(exc) and "\n" not in str(exc), str(exc)
         return type(exc).__name__
+    finally:
+        root.removeHandler(catcher)
+        assert not catcher.records, f"a traceback was logged: {catcher.records[0].getMessage()}"

@@ -63,6 +63,8 @@ def mutated_image(draw: st.DrawFn) -> bytes:
     data = SEEDS[name]
     kinds = ["flip", "truncate", "splice", "header_flip"]
     kinds += {"png": ["ihdr", "chunk", "bomb"], "jpe": ["sof"], "dic": ["element", "element", "private"]}[name[:3]]
+    if name in ("dicom_jpeg", "dicom_rle", "dicom_j2k"):  # compressed pixel data: bit flips inside the stream
+        kinds += ["pixel_bits", "pixel_bits"]
     kind = draw(st.sampled_from(kinds))
     if kind == "flip":
         n = draw(st.integers(1, 16))
@@ -72,6 +74,14 @@ def mutated_image(draw: st.DrawFn) -> bytes:
         n = draw(st.integers(1, 6))
         return F.flip_bytes(data, draw(st.lists(st.integers(0, min(len(data), 600) - 1), min_size=n, max_size=n)),
                             draw(st.lists(st.integers(0, 255), min_size=n, max_size=n)))
+    if kind == "pixel_bits":
+        n = draw(st.sampled_from([1, 8, 64]))
+        tail = min(len(data) - 600, 120_000)
+        buf = bytearray(data)
+        for pos, bit in zip(draw(st.lists(st.integers(len(data) - tail, len(data) - 1), min_size=n, max_size=n)),
+                            draw(st.lists(st.integers(0, 7), min_size=n, max_size=n))):
+            buf[pos] ^= 1 << bit
+        return bytes(buf)
     if kind == "truncate":
         return F.truncate(data, draw(st.floats(0.0, 1.0)))
     if kind == "splice":

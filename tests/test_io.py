@@ -13,8 +13,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medai.data.io import (CorruptImageError, DecodeLimits, DicomNoPixelDataError, ImageTooLargeError,
+from medai.data.io import (CorruptImageError, DecodeLimits, DicomNoPixelDataError, ImageDecodeError,
+                           ImageTooLargeError,
                            ImageTooSmallError, UnsupportedFormatError, decode_image, sniff_format)
+from tests import fuzzing as F
 from tests.conftest import need, run_cli
 
 
@@ -210,3 +212,63 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path: Path):
         assert proc.returncode == 2
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    from medai.models import create_model
+    from medai.models.checkpoint import new_card, save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"image_size": 32, "d_model": 32, "num_heads": 2, "num_layers": 1}
+    return save_checkpoint(create_model("hybrid_cnn_transformer", 2, **kwargs),
+                           new_card("hybrid_cnn_transformer", kwargs, "multiclass", ["a", "b"],
+                                    {"image_size": 32, "mean": 0.5, "std": 0.25}), tmp_path / "m.safetensors")
+
+
+def test_messages_name_the_problem_not_python_internals(tmp_path: Path):
+    """A PNG cut after its signature made PIL say 'cannot identify image file <_io.BytesIO object at 0x...>'."""
+    data = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[0].read_bytes()
+    with pytest.raises(CorruptImageError) as caught:
+        decode_image(data[:40], name="cut.png")
+    assert "cut.png" in str(caught.value) and "cannot identify image file" in str(caught.value)
+    assert "0x" not in str(caught.value) and "BytesIO" not in str(caught.value)
+
+
+def test_only_regular_files_are_read(tmp_path: Path):
+    """A folder, /dev/zero (size 0, endless) and a FIFO (would block) are refused before reading."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for path, message in ((tmp_path, "is a folder"), (Path("/dev/zero"), "is a device"),
+                          (fifo, "is a FIFO")):
+        with pytest.raises(ImageDecodeError, match=message):
+            decode_image(path)
+
+
+def test_cli_keeps_good_results_and_reports_each_bad_argument(tmp_path: Path):
+    """A folder, /dev/zero, a FIFO and a bit-flipped compressed DICOM among the arguments: one clear
+    line each, the good file's result still printed, exit code 2, no traceback."""
+    import json
+    import os
+
+    ckpt = tiny_checkpoint(tmp_path)
+    good = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[0]
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    flipped = tmp_path / "flipped.dcm"
+    flipped.write_bytes(F.flip_bits((need("dicom") / "siim_cxr_pa_mono2.dcm").read_bytes(), seed=1, attempt=16,
+                                   tail=120_000))
+    proc = run_cli("predict", "--checkpoint", str(ckpt), str(good), str(tmp_path), "/dev/zero", str(fifo),
+                   str(flipped), "--json", timeout=120)
+    assert proc.returncode == 2
+    results = json.loads(proc.stdout)
+    assert [r["file"] for r in results if "error" not in r] == [str(good)]
+    assert set(results[0]["probabilities"]) == {"a", "b"}
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, proc.stderr
+    for expected in ("is a folder", "is a device", "is a FIFO", "flipped.dcm: the DICOM pixel data cannot be decoded"):
+        assert any(expected in line for line in errors), (expected, errors)
+    assert "Traceback" not in proc.stderr and "0x" not in proc.stderr

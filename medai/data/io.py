@@ -8,8 +8,10 @@ radiologist can act on. Patient-identifying DICOM tags never enter the returned 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
+import stat
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,53 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
+def reason(exc: BaseException) -> str:
+    """An exception's message for people: one line, without object reprs such as
+    ``<_io.BytesIO object at 0x7f...>`` (internals, and a memory address)."""
+    text = re.sub(r"\s*<[^<>]*? at 0x[0-9a-fA-F]+>", "", str(exc))
+    return re.sub(r"\s*\n\s*", "; ", text).replace(":; ", ": ").strip() or type(exc).__name__
+
+
+class _NoTraceback(logging.Filter):
+    """pydicom logs every decoder plugin that fails, with its traceback, before it raises; the error this
+    module raises names the file and the cause, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoTraceback())
+
+
+def read_regular_file(path: Path, label: str, limit: int) -> bytes:
+    """A regular file's bytes, refused past ``limit``; directories, devices (``/dev/zero``), FIFOs and
+    sockets are refused before anything is read (their size says nothing, a FIFO would block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{label}: is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: cannot read the file ({exc.strerror or reason(exc)})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError(f"{label}: is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                    else "a device")
+            raise ImageDecodeError(f"{label}: is {kind}, not a regular file; only image files are read")
+        if info.st_size > limit:
+            raise ImageTooLargeError(f"{label}: file is {info.st_size / 2**20:.0f} MB, above the "
+                                     f"{limit / 2**20:.0f} MB limit; export a smaller image")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)  # a hard cap, whatever the size said
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: cannot read the file ({exc.strerror or reason(exc)})") from None
+    finally:
+        os.close(fd)
+    return data
+
+
 @dataclass
 class ImageMeta:
     source_format: str  # png | jpeg | dicom
@@ -98,16 +147,8 @@ def decode_image(source: str | os.PathLike | bytes, limits: DecodeLimits = DEFAU
         label = name or "upload"
     else:
         path = Path(source)
-        label = name or path.name
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise ImageDecodeError(f"{label}: cannot read the file ({exc.strerror or exc})") from None
-        if size > limits.max_file_bytes:
-            raise ImageTooLargeError(
-                f"{label}: file is {size / 2**20:.0f} MB, above the {limits.max_file_bytes / 2**20:.0f} MB "
-                "limit; export a smaller image")
-        data = path.read_bytes()
+        label = name or path.name or str(path)
+        data = read_regular_file(path, label, limits.max_file_bytes)
     if len(data) > limits.max_file_bytes:
         raise ImageTooLargeError(f"{label}: file is {len(data) / 2**20:.0f} MB, above the "
                                  f"{limits.max_file_bytes / 2**20:.0f} MB limit; export a smaller image")
@@ -149,7 +190,7 @@ def _decode_raster(data: bytes, kind: str, label: str, limits: DecodeLimits) -> 
                                  "(possible decompression bomb); downscale the image before uploading") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"{label}: the {kind.upper()} file is damaged or truncated and cannot be "
-                                f"decoded ({exc}); re-export it from the source") from None
+                                f"decoded ({reason(exc)}); re-export it from the source") from None
     img = ImageOps.exif_transpose(img) if kind == "jpeg" else img
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -202,7 +243,7 @@ def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
     except damaged as exc:
-        raise CorruptImageError(f"{label}: the DICOM file is damaged and cannot be read ({exc})") from None
+        raise CorruptImageError(f"{label}: the DICOM file is damaged and cannot be read ({reason(exc)})") from None
     if any("End of file reached" in str(w.message) for w in caught):
         raise CorruptImageError(f"{label}: the DICOM file is truncated (it ends inside an element); "
                                 "copy it again from the PACS or modality")
@@ -213,7 +254,7 @@ def _decode_dicom(data: bytes, label: str, limits: DecodeLimits) -> DecodedImage
     except damaged as exc:
         # pydicom parses elements lazily, so a damaged header surfaces here, on first access
         raise CorruptImageError(f"{label}: the DICOM header is damaged and cannot be interpreted "
-                                f"({type(exc).__name__}: {exc}); copy it again from the PACS or modality") from None
+                                f"({type(exc).__name__}: {reason(exc)}); copy it again from the PACS or modality") from None
 
 
 def _count(ds: Any, keyword: str, default: int, label: str) -> int:
@@ -250,7 +291,7 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", syntax) or "unknown"
         raise CorruptImageError(
-            f"{label}: the DICOM pixel data cannot be decoded (transfer syntax: {syntax_name}; {exc})"
+            f"{label}: the DICOM pixel data cannot be decoded (transfer syntax: {syntax_name}; {reason(exc)})"
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     notes: list[str] = []

@@ -53,6 +53,9 @@ def cases() -> dict[str, bytes]:
         "dicom-truncated-pixels.dcm": F.truncate(dcm, 0.7),
         "dicom-j2k-zeroed-codestream.dcm": F.flip_bytes(s["dicom_j2k"], list(range(len(s["dicom_j2k"]) - 800,
                                                                                     len(s["dicom_j2k"]) - 780)), [0] * 20),
+        # found: bits flipped in a JPEG-baseline DICOM's compressed pixels: Pillow's 'broken data stream',
+        # and pydicom logged a traceback for each failed plugin (and the message ran over several lines)
+        "found-dicom-jpeg-broken-stream.dcm": F.flip_bits(s["dicom_jpeg"], seed=1, attempt=12, tail=1700),
         "png-ihdr-2g-by-2g.png": F.png_header(s["png8"], 2**31 - 1, 2**31 - 1, 8, 0),
         "png-ihdr-20000-square-tiny-idat.png": F.png_header(s["png8"], 20_000, 20_000, 8, 0),
         "png-ihdr-bit-depth-3.png": F.png_header(s["png8"], 64, 64, 3, 0),
