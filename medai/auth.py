@@ -180,6 +180,19 @@ def set_disabled(store: Store, username: str, disabled: bool, actor: str) -> Non
     store.audit(actor, "user_disabled" if disabled else "user_enabled", user=user.username)
 
 
+def locked_until(store: Store, username: str, now: float | None = None) -> float | None:
+    """When the name's sign-in lockout ends, or None when it is not locked."""
+    until = store.attempts(username)[1]
+    return until if until > (time.time() if now is None else now) else None
+
+
+def unlock(store: Store, username: str, actor: str) -> None:
+    """End a sign-in lockout (and forget the failed attempts) without touching the password."""
+    user = _require_user(store, username)
+    store.set_attempts(user.username, 0, 0.0)
+    store.audit(actor, "user_unlocked", user=user.username)
+
+
 def reset_password(store: Store, username: str, password: str, actor: str) -> None:
     user = _require_user(store, username)
     store.update_user(user.username, password_hash=hash_password(password))

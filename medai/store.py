@@ -251,6 +251,13 @@ class Store:
 
     # ---- audit ---------------------------------------------------------------------------------
     def audit(self, username: str | None, action: str, **detail: Any) -> None:
+        """One audit row; ``action`` must be an :class:`medai.audit.AuditAction` (or its value)."""
+        from medai.audit import AuditAction
+
+        try:
+            action = AuditAction(action).value
+        except ValueError:
+            raise ValueError(f"unknown audit action {action!r}; add it to medai.audit.AuditAction") from None
         with self.connect() as conn:
             conn.execute("INSERT INTO audit (ts, username, action, detail) VALUES (?, ?, ?, ?)",
                          (time.time(), username, action, json.dumps(detail, default=str)))

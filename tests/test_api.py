@@ -116,7 +116,9 @@ def test_tokens_are_stored_hashed_and_calls_audited(client, store, token):
         assert token.encode() not in path.read_bytes()
     assert "token_sha256" not in store.tokens()[0]
     calls = store.audit_log(action="api_call")
-    assert [(c["username"], c["detail"]["status"]) for c in calls[:2]] == [(None, 401), ("rad1", 200)]
+    assert [(c["username"], c["detail"]["status"]) for c in calls[:1]] == [("rad1", 200)]
+    failed = store.audit_log(action="api_auth_failed")  # the call without a token, aggregated per address
+    assert [(f["detail"]["count"], f["detail"]["codes"]) for f in failed] == [(1, {"unauthorized": 1})]
     assert token not in json.dumps(store.audit_log())
 
 
@@ -291,4 +293,129 @@ def test_medai_serve_answers_over_real_http(store, token, medai_home):
     finally:
         proc.terminate()
         proc.wait(15)
-    assert [c["detail"]["status"] for c in store.audit_log(action="api_call")] == [401, 200]
+    assert [c["detail"]["status"] for c in store.audit_log(action="api_call")] == [200]
+    assert [f["detail"]["count"] for f in store.audit_log(action="api_auth_failed")] == [1]
+
+
+# ---- defects found from outside (issue 25): body cap before authentication, failed-token limits ----------
+
+@pytest.fixture
+def live_server(store: Store):
+    """The API in uvicorn on a free loopback port (preload off: these calls never reach a model)."""
+    import uvicorn
+
+    app = create_app(ApiSettings(max_upload_mb=1, max_batch=1), store=store, preload=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield server.config.port
+    server.should_exit = True
+    thread.join(10)
+
+
+def chunked_request(port: int, token: str | None):
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    auth_line = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall(("POST /api/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                  f"Content-Type: multipart/form-data; boundary=xyz\r\n{auth_line}\r\n").encode())
+    return sock
+
+
+def read_answer(sock) -> str:
+    """The response's head and JSON body (until the server closes or the body is complete)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+            if length and len(body) >= length[0]:
+                break
+    finally:
+        sock.close()
+    return data.decode("latin-1")
+
+
+def send_chunk(sock, size: int = 1 << 16) -> None:
+    sock.sendall(f"{size:x}\r\n".encode() + b"\0" * size + b"\r\n")
+
+
+def test_a_chunked_upload_without_a_token_is_refused_before_its_body_is_read(live_server: int):
+    """Was: the whole body (2 GB in the report) was spooled to disk before the 401. Now the answer comes
+    after the headers and one chunk, while the client has not finished (and never will)."""
+    sock = chunked_request(live_server, None)
+    send_chunk(sock)
+    answer = read_answer(sock)  # times out (fails) if the server waits for the body
+
+    assert answer.startswith("HTTP/1.1 401") and '"unauthorized"' in answer
+
+
+def test_a_chunked_upload_is_cut_off_at_the_cap_while_it_streams(live_server: int, token: str):
+    """With a valid token a chunked body has no Content-Length to refuse; it is counted as it arrives and
+    answered 413 at the cap (2 MB here), not after the client has sent everything."""
+    import select
+
+    sock = chunked_request(live_server, token)
+    part = (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")  # a well-formed part, then endless bytes
+    sent = 0
+    while sent < 256 << 20 and not select.select([sock], [], [], 0)[0]:
+        try:
+            send_chunk(sock)
+        except OSError:  # the server closed the connection after answering
+            break
+        sent += 1 << 16
+    answer = read_answer(sock)
+    assert answer.startswith("HTTP/1.1 413") and "request_too_large" in answer, answer[:300]
+    assert sent < 32 << 20, f"{sent >> 20} MB went in before the answer (the loopback buffers hold a few MB)"
+
+
+def test_failed_tokens_are_limited_per_address_and_audited_in_aggregate(store: Store):
+    """Was: 600 random tokens gave 600 x 401 and 600 audit rows, and unauthenticated 404s wrote rows too."""
+    with TestClient(create_app(ApiSettings(auth_failures_per_min=20), store=store, preload=False),
+                    raise_server_exceptions=False) as c:
+        codes = [c.get("/models", headers=bearer(f"medai_{i:043d}")).status_code for i in range(30)]
+        assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}
+        limited = c.get("/models", headers=bearer("medai_" + "y" * 43))
+        assert int(limited.headers["retry-after"]) >= 1
+        assert_json_error(limited, 429, "rate_limited")
+        assert c.get("/no/such/path").status_code == 429  # still limited: no lookup, no row
+    assert store.audit_log(action="api_call") == []
+    rows = store.audit_log(action="api_auth_failed")
+    assert len(rows) == 1 + 1  # the first failure at once, the rest counted and flushed at shutdown
+    assert sum(r["detail"]["count"] for r in rows) == 20 and rows[0]["detail"]["client"] == "testclient"
+
+
+def test_failure_audit_writes_one_row_per_address_and_window(store: Store):
+    from medai.api.guard import FailureAudit
+
+    audit = FailureAudit(store, window_s=60)
+    audit.record("10.0.0.1", "invalid_token", "/models", now=0)
+    for t in range(1, 6):
+        audit.record("10.0.0.1", "invalid_token", "/models", now=t)
+    audit.record("10.0.0.2", "unauthorized", "/x", now=2)
+    assert [r["detail"]["count"] for r in store.audit_log(action="api_auth_failed")] == [1, 1]
+    audit.record("10.0.0.1", "unauthorized", "/api/analyze", now=61)
+    newest = store.audit_log(action="api_auth_failed")[0]["detail"]
+    assert newest["count"] == 6 and newest["codes"] == {"invalid_token": 5, "unauthorized": 1}
+
+
+def test_an_unauthenticated_404_is_a_401_and_writes_no_call_row(store: Store):
+    with TestClient(create_app(ApiSettings(), store=store, preload=False), raise_server_exceptions=False) as c:
+        assert_json_error(c.get("/no/such/path"), 401, "unauthorized")
+    assert store.audit_log(action="api_call") == []
+
+
+def test_a_truncated_png_error_names_the_file_not_python_internals(client, token):
+    data = png_bytes((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))[:40]
+    body = assert_json_error(client.post("/api/analyze", headers=bearer(token), files={"file": ("cut.png", data)}),
+                             422, "bad_image")
+    assert body["error"]["message"].startswith("cut.png: ") and "0x" not in body["error"]["message"]
+    assert "BytesIO" not in body["error"]["message"]

@@ -131,3 +131,19 @@ def test_users_cli(medai_home: Path):
     assert user.role == "radiologist" and user.disabled
     audit = run_cli("users", "audit", check=True).stdout
     assert "user_disabled" in audit and PASSWORD not in audit
+
+
+def test_every_audited_action_is_in_the_vocabulary_and_unknown_ones_are_refused(medai_home):
+    """The Users page's filter lists AuditAction; a free string that is not in it (as restore_applied once
+    was missing from the filter) is refused by the store."""
+    import re
+
+    from medai.audit import AuditAction
+    from tests.conftest import ROOT
+
+    used = {m for path in (ROOT / "medai").rglob("*.py")
+            for m in re.findall(r"audit\([^,()]+, *\"([a-z_]+)\"", path.read_text())}
+    used |= {"user_enabled", "user_disabled"}  # chosen by a conditional expression in auth.set_disabled
+    assert used and used <= {a.value for a in AuditAction}, used - {a.value for a in AuditAction}
+    with pytest.raises(ValueError, match="unknown audit action"):
+        Store().audit("x", "made_up_action")

@@ -7,6 +7,7 @@ import datetime as dt
 import streamlit as st
 
 from medai import auth
+from medai.audit import AuditAction, describe
 from medai.errors import MedaiError
 from medai.store import Store, User
 
@@ -15,13 +16,24 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "never"
 
 
-def _act(action, *args) -> None:
+FLASH = "users_flash"
+
+
+def _act(done: str, action, *args) -> None:
+    """Run an account change; on success rerun, so that every list on the page shows it, and say what
+    was done (``done``) at the top."""
     try:
         action(*args)
     except MedaiError as exc:
         st.error(str(exc))
         return
-    st.success("Done.")
+    st.session_state[FLASH] = done
+    st.rerun()
+
+
+def _lock_state(db: Store, user: User) -> str:
+    until = auth.locked_until(db, user.username)
+    return f"locked until {_when(until)}" if until else ""
 
 
 def _create_form(db: Store, admin: User) -> None:
@@ -32,7 +44,7 @@ def _create_form(db: Store, admin: User) -> None:
         role = c2.selectbox("Role", auth.ROLES, index=2)
         password = c3.text_input("Initial password", type="password")
         if st.form_submit_button("Create user"):
-            _act(auth.create_user, db, name, password, role, admin.username)
+            _act(f"Created {role} {name.strip()!r}.", auth.create_user, db, name, password, role, admin.username)
 
 
 def _manage_form(db: Store, admin: User, users: list[User]) -> None:
@@ -42,12 +54,17 @@ def _manage_form(db: Store, admin: User, users: list[User]) -> None:
     c1, c2, c3 = st.columns(3)
     role = c1.selectbox("Role", auth.ROLES, index=auth.ROLES.index(user.role), key="manage_role")
     if c1.button("Change role"):
-        _act(auth.set_role, db, target, role, admin.username)
+        _act(f"{target} is now {role}.", auth.set_role, db, target, role, admin.username)
     if c2.button("Enable" if user.disabled else "Disable"):
-        _act(auth.set_disabled, db, target, not user.disabled, admin.username)
+        _act(f"{target} is {'enabled' if user.disabled else 'disabled'}.", auth.set_disabled, db, target,
+             not user.disabled, admin.username)
+    lock = _lock_state(db, user)
+    if c2.button("Unlock", disabled=not lock, help=f"{target} is {lock}" if lock else f"{target} is not locked"):
+        _act(f"{target} is unlocked and may sign in again.", auth.unlock, db, target, admin.username)
     new_password = c3.text_input("New password", type="password", key="manage_password")
     if c3.button("Reset password"):
-        _act(auth.reset_password, db, target, new_password, admin.username)
+        _act(f"The password of {target} was reset.", auth.reset_password, db, target, new_password,
+             admin.username)
 
 
 def _tokens_section(db: Store, admin: User, users: list[User]) -> None:
@@ -79,16 +96,18 @@ def _tokens_section(db: Store, admin: User, users: list[User]) -> None:
         pick = c1.selectbox("Token", active, format_func=lambda t: f"{t['id']}: {t['username']} - {t['label']}",
                             key="revoke_token")
         if c2.button("Revoke token"):
-            _act(auth.revoke_api_token, db, pick["id"], admin.username)
+            _act(f"Token {pick['id']} is revoked.", auth.revoke_api_token, db, pick["id"], admin.username)
 
 
 def render_users(admin: User) -> None:
     st.title("Users")
+    if FLASH in st.session_state:
+        st.success(st.session_state.pop(FLASH))
     db = Store()
     users = db.list_users()
     st.dataframe([{"username": u.username, "role": u.role, "state": "disabled" if u.disabled else "active",
-                   "created": _when(u.created_at), "last sign-in": _when(u.last_login)} for u in users],
-                 hide_index=True)
+                   "sign-in lock": _lock_state(db, u), "created": _when(u.created_at),
+                   "last sign-in": _when(u.last_login)} for u in users], hide_index=True)
     _create_form(db, admin)
     _manage_form(db, admin, users)
     st.divider()
@@ -101,13 +120,7 @@ def render_users(admin: User) -> None:
         db.set_setting("store_pixels", keep)
         db.audit(admin.username, "setting_changed", key="store_pixels", value=keep)
     st.markdown("**Audit log**")
-    action = st.selectbox("Action", ["all", "login_ok", "login_failed", "login_locked", "logout", "analysis",
-                                     "access_denied", "user_created", "role_changed", "user_disabled",
-                                     "user_enabled", "password_reset", "setting_changed", "training_launch",
-                                     "training_cancel", "training_resume", "model_registered", "backup_created",
-                                     "backup_verified", "backup_verify_failed", "backup_restored",
-                                     "backup_deleted", "backup_pruned", "token_created", "token_revoked",
-                                     "api_call"])
+    action = st.selectbox("Action", ["all", *sorted(a.value for a in AuditAction)])
     log = db.audit_log(500, None if action == "all" else action)
     st.dataframe([{"time": _when(e["ts"]), "user": e["username"], "action": e["action"],
-                   "detail": str(e["detail"])} for e in log], hide_index=True)
+                   "detail": describe(e["detail"])} for e in log], hide_index=True)

@@ -216,3 +216,34 @@ def test_a_dicom_with_a_malformed_window_is_shown_with_a_warning(medai_home: Pat
     assert any("DICOM: window / VOI LUT ignored" in w.value for w in at.warning)
     entry = Store().history(username="rita")[0]
     assert any("window" in note for note in entry.result["image"]["decoder_warnings"])
+
+
+def test_users_page_lists_a_new_user_at_once_shows_locks_and_unlocks(medai_home: Path):
+    """Was: the table and the 'change a user' list missed a user just created ('Done.'), a locked account
+    looked like any other and only a password reset cleared it, and the audit log showed Python dicts."""
+    db = Store()
+    auth.create_user(db, "admin1", PASSWORD, "admin")
+    at = page_as("users.py", "admin1")
+    next(t for t in at.text_input if t.label == "Username").set_value("bob")
+    next(t for t in at.text_input if t.label == "Initial password").set_value(PASSWORD)
+    at = next(b for b in at.button if b.label == "Create user").click().run()
+    assert not at.exception
+    assert [s.value for s in at.success] == ["Created radiologist 'bob'."]
+    assert "bob" in list(at.dataframe[0].value["username"])
+    assert "bob" in at.selectbox(key="manage_user").options
+    for _ in range(5):
+        with pytest.raises(auth.AuthError):
+            auth.authenticate(db, "bob", "wrong password!")
+    at = page_as("users.py", "admin1")
+    table = at.dataframe[0].value.set_index("username")
+    assert table.loc["bob", "sign-in lock"].startswith("locked until ") and table.loc["admin1", "sign-in lock"] == ""
+    at.selectbox(key="manage_user").set_value("bob").run()
+    unlock = next(b for b in at.button if b.label == "Unlock")
+    assert not unlock.disabled
+    at = unlock.click().run()
+    assert [s.value for s in at.success] == ["bob is unlocked and may sign in again."]
+    assert auth.authenticate(db, "bob", PASSWORD).username == "bob"
+    assert db.audit_log(action="user_unlocked")[0]["detail"] == {"user": "bob"}
+    assert at.dataframe[0].value.set_index("username").loc["bob", "sign-in lock"] == ""
+    details = list(at.dataframe[-1].value["detail"])
+    assert "user: bob" in details and not any("{" in d for d in details)
