@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -68,3 +69,17 @@ def test_ship_nih_run_reports_the_chexnet_reference(tmp_path: Path):
     assert set(reference["per_class_auroc"]) == set(metrics["external"]["per_class"])
     assert metrics["external"]["n"] == 621
     assert "reference AUROC" in out.with_suffix(".md").read_text()
+
+
+def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
+    """Was: 'Register as model' with the default MEDAI_HOME left an untracked file in models/."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "models/my-registered-model.safetensors"], cwd=ROOT)
+    assert ignored.returncode == 0
+    shipped = subprocess.run(["git", "ls-files", "models"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "models/pneumonia-hybrid.safetensors" in shipped.split()  # the shipped ones stay tracked

@@ -15,6 +15,7 @@ from medai.evaluation.calibration import reliability_bins
 from medai.evaluation.curves import at_threshold, comparison_csv, multiclass_confusion, pr_points, roc_points
 from medai.evaluation.runner import Evaluation, evaluate_checkpoint, stored_evaluation
 from medai.models.checkpoint import load_checkpoint
+from medai.paths import data_dir, medai_home
 from medai.store import User
 from medai.ui.train import datasets
 from medai.ui.widgets import available_models, plain
@@ -90,13 +91,38 @@ def _threshold_explorer(ev: Evaluation, labels: list[str], key: str) -> None:
     cols = st.columns(4)
     for col, name in zip(cols, ("sensitivity", "specificity", "ppv", "npv")):
         col.metric(name, "-" if stats[name] is None else f"{stats[name]:.3f}")
-    st.dataframe([{"": "true positive", "predicted positive": stats["tp"], "predicted negative": stats["fn"]},
-                  {"": "true negative", "predicted positive": stats["fp"], "predicted negative": stats["tn"]}],
-                 hide_index=True)
+    st.dataframe([{"": "actually positive", "predicted positive": stats["tp"], "predicted negative": stats["fn"]},
+                  {"": "actually negative", "predicted positive": stats["fp"], "predicted negative": stats["tn"]}],
+                 hide_index=True, key=f"two_by_two_{key}")
+
+
+def data_label(root: str | None) -> str:
+    """A dataset as users name it: relative to the data folder, never the server's absolute path."""
+    if not root:
+        return "stored evaluation"
+    path = Path(root)
+    for base in (data_dir(), medai_home() / "data"):
+        try:
+            return str(path.resolve().relative_to(base))
+        except ValueError:
+            continue
+    return path.name
+
+
+def task_of(card: dict) -> str:
+    return card["task"].get("name") or card["task"]["kind"]
+
+
+def confusion_figure(cm, labels: list[str]) -> go.Figure:
+    """Rows are the true class top to bottom, in the same order as the predicted columns left to right."""
+    fig = go.Figure(go.Heatmap(z=cm, x=labels, y=labels, text=cm, texttemplate="%{text}", colorscale="Blues"))
+    fig.update_yaxes(autorange="reversed", title="true")
+    fig.update_xaxes(title="predicted", side="top")
+    return fig.update_layout(title="Confusion at arg-max", height=420)
 
 
 def render_one(name: str, ev: Evaluation, labels: list[str], kind: str) -> None:
-    st.subheader(f"{name}: {ev.metrics['n']} images ({ev.metrics.get('data', {}).get('root', 'stored')})")
+    st.subheader(f"{name}: {ev.metrics['n']} images ({data_label(ev.metrics.get('data', {}).get('root'))})")
     st.dataframe(per_class_rows(ev.metrics), hide_index=True, key=f"table_{name}")
     y = ev.preds["targets"]
     left, right = st.columns(2)
@@ -107,9 +133,7 @@ def render_one(name: str, ev: Evaluation, labels: list[str], kind: str) -> None:
     left.plotly_chart(_calibration_figure(ev, kind), key=f"cal_{name}")
     if kind == "multiclass":
         cm = multiclass_confusion(y, ev.probs)
-        right.plotly_chart(go.Figure(go.Heatmap(z=cm, x=labels, y=labels, text=cm, texttemplate="%{text}",
-                                                colorscale="Blues")).update_layout(
-            title="Confusion at arg-max (rows: true, columns: predicted)", height=420), key=f"cm_{name}")
+        right.plotly_chart(confusion_figure(cm, labels), key=f"cm_{name}")
     with right if kind != "multiclass" else st.container():
         st.markdown("**Threshold explorer**")
         _threshold_explorer(ev, labels, name)
@@ -134,7 +158,11 @@ def render_metrics(user: User) -> None:
             st.error(plain(f"{name}: {exc}"))
     if len(results) > 1:
         st.subheader("Comparison")
-        rows = [{"model": n, "architecture": e.card["architecture"], "images": ev.metrics["n"],
+        tasks = {task_of(e.card) for e, _ in results.values()}
+        if len(tasks) > 1 or len({tuple(e.card["labels"]) for e, _ in results.values()}) > 1:
+            st.warning(f"These models do different tasks ({', '.join(sorted(tasks))}) with different labels: "
+                       "their numbers are not comparable with each other. Compare models of one task.")
+        rows = [{"model": n, "task": task_of(e.card), "architecture": e.card["architecture"], "images": ev.metrics["n"],
                  **{f"macro {k}": ev.metrics["macro"][k] for k in ("auroc", "ap", "f1", "sensitivity", "specificity")},
                  "ECE after": ev.metrics["calibration"]["ece_after"]} for n, (e, ev) in results.items()]
         st.dataframe(rows, hide_index=True, key="comparison")

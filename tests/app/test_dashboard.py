@@ -247,3 +247,12 @@ def test_users_page_lists_a_new_user_at_once_shows_locks_and_unlocks(medai_home:
     assert at.dataframe[0].value.set_index("username").loc["bob", "sign-in lock"] == ""
     details = list(at.dataframe[-1].value["detail"])
     assert "user: bob" in details and not any("{" in d for d in details)
+
+
+def test_the_dashboard_starts_without_a_file_watcher():
+    """Was: `make run` started Streamlit's watcher over data/ and results/ (~15,000 'Inotify queue
+    overflowed' lines in the log)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["fileWatcherType"] == "none" and config["server"]["runOnSave"] is False

@@ -55,3 +55,33 @@ def test_comparing_two_models_on_the_same_data(medai_home: Path, finished_run: P
     comparison = at.dataframe[0].value  # the comparison table comes first
     assert list(comparison["model"]) == [finished_run.name, other.name]
     assert (comparison["images"] == 200).all()
+
+
+def test_metrics_labels_read_as_a_clinician_expects(medai_home: Path, finished_run: Path):
+    """Was: 2x2 rows 'true positive / true negative', a confusion matrix whose rows ran the other way
+    than its columns, and the server's absolute data path in the header."""
+    from medai.paths import data_dir
+    from medai.ui.metrics import confusion_figure
+
+    auth.create_user(Store(), "rad1", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rad1").switch_page("pages/metrics.py").run()
+    at.multiselect(key="metrics_models").set_value([finished_run.name]).run()
+    two_by_two = next(d.value for d in at.dataframe if "predicted positive" in d.value.columns)
+    assert list(two_by_two[""]) == ["actually positive", "actually negative"]
+    header = next(h.value for h in at.subheader if h.value.startswith(finished_run.name))
+    assert str(data_dir()) not in header and "/" not in header.split("(", 1)[1]
+    fig = confusion_figure([[5, 1], [2, 7]], ["normal", "pneumonia"])
+    assert fig.layout.yaxis.autorange == "reversed" and list(fig.data[0].y) == list(fig.data[0].x)
+
+
+def test_comparing_models_of_different_tasks_says_so(medai_home: Path, finished_run: Path):
+    shipped = Path(__file__).resolve().parents[2] / "models" / "brain-mri-hybrid.safetensors"
+    if not shipped.is_file():
+        pytest.skip("the shipped brain MRI model is absent")
+    need("brain-tumor-mri")
+    auth.create_user(Store(), "res1", PASSWORD, "researcher")
+    at = sign_in(app().run(), "res1").switch_page("pages/metrics.py").run()
+    at.multiselect(key="metrics_models").set_value([finished_run.name, "brain-mri-hybrid"]).run()
+    assert any("different tasks" in w.value for w in at.warning)
+    comparison = at.dataframe[0].value  # the comparison table comes first
+    assert len(set(comparison["task"])) == 2
