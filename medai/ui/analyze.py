@@ -31,8 +31,18 @@ def _pick_model(entries: list[ModelEntry]) -> ModelEntry:
     return st.sidebar.selectbox("Model", entries, index=default_index(entries), format_func=model_label, key="analyze_model")
 
 
-def _heatmap_method(predictor: Predictor) -> str:
-    return st.session_state.get("heat_method") or default_method(predictor.ckpt.card["architecture"])
+EXPENSIVE_METHODS = {"scorecam": "Score-CAM runs the model once per feature map of its target layer (hundreds to "
+                                  "over a thousand forward passes): about 1-4 minutes per finding on this server"}
+
+
+def _method_key(predictor: Predictor, image_sha256: str) -> str:
+    """The method choice belongs to one image and one model: a slow method chosen once never carries over."""
+    return f"heat_method_{predictor.ckpt.sha256[:16]}_{image_sha256[:16]}"
+
+
+def _heatmap_method(predictor: Predictor, image_sha256: str) -> str:
+    chosen = st.session_state.get(_method_key(predictor, image_sha256))
+    return chosen if chosen and chosen not in EXPENSIVE_METHODS else default_method(predictor.ckpt.card["architecture"])
 
 
 def _first_heatmap(labels: list[str], thresholds: dict[str, float]) -> Callable[[list[float]], list[str]]:
@@ -58,7 +68,7 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
         if key not in cache:
             try:
                 if i == 0:
-                    method = _heatmap_method(predictor)
+                    method = _heatmap_method(predictor, hashlib.sha256(data).hexdigest())
                     analysis, exp = analyze_and_explain(predictor, entry.name, data, upload.name,
                                                         _first_heatmap(predictor.labels, thresholds), method)
                     _explanations()[_explanation_key(predictor, analysis, next(iter(exp.heatmaps)), method)] = exp
@@ -109,9 +119,11 @@ def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
                                                         if r["positive"]) or "none",
              "top probability": max(a.prediction.probabilities)} for a in analyses]
     st.subheader(f"{len(analyses)} images")
+    # keyed by the upload set: a selection made in another set (files since removed) is never reused
+    upload_set = hashlib.sha256("|".join(f"{a.image_sha256}:{a.file_name}" for a in analyses).encode()).hexdigest()
     event = st.dataframe(rows, hide_index=True, on_select="rerun", selection_mode="single-row",
-                         key="batch_table")
-    chosen = event.selection.rows if event and event.selection else []
+                         key=f"batch_table_{upload_set[:16]}")
+    chosen = [i for i in (event.selection.rows if event and event.selection else []) if 0 <= i < len(analyses)]
     return analyses[chosen[0] if chosen else 0]
 
 
@@ -161,6 +173,22 @@ def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method:
     return cache[key]
 
 
+def _confirm_expensive(predictor: Predictor, analysis: Analysis, finding: str, method: str, fallback: str) -> str:
+    """A slow method runs only when asked for, after saying what it costs; until then the default is shown."""
+    if method not in EXPENSIVE_METHODS or _explanation_key(predictor, analysis, finding, method) in _explanations():
+        return method
+    st.warning(f"{EXPENSIVE_METHODS[method]}. Showing {fallback} until you start it.", icon=":material/hourglass:")
+    if not st.button(f"Compute {method} for {finding}", key=f"run_{method}_{analysis.image_sha256[:16]}"):
+        return fallback
+    with st.status(f"Computing {method} for {finding} ({EXPENSIVE_METHODS[method].split(': ')[-1]})...",
+                   expanded=True) as status:
+        st.write("Running the model once per feature map of its target layer; the page stays usable in "
+                 "other tabs, and the result is kept for this image and model.")
+        _explanation(predictor, analysis, finding, method)
+        status.update(label=f"{method} for {finding} computed", state="complete")
+    return method
+
+
 def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray
                    ) -> tuple[Explanation, np.ndarray, Callable[[], np.ndarray]]:
     """The overlay on screen is rendered on ``display`` (the image at display size); the returned function
@@ -169,10 +197,14 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
     finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
     methods = list(CAM_METHODS)
     arch_default = default_method(predictor.ckpt.card["architecture"])
-    method = c2.selectbox("Method", methods, index=methods.index(arch_default), key="heat_method",
-                          help=f"{arch_default} is this architecture's default (best ROAD score measured)")
+    method = c2.selectbox("Method", methods, index=methods.index(arch_default),
+                          key=_method_key(predictor, analysis.image_sha256),
+                          format_func=lambda m: f"{m} (slow)" if m in EXPENSIVE_METHODS else m,
+                          help=f"{arch_default} is this architecture's default (best ROAD score measured); the "
+                               "choice applies to this image and model only")
     opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="heat_opacity")
     contours = st.checkbox("Outline lungs and heart", value=True, key="heat_contours")
+    method = _confirm_expensive(predictor, analysis, finding, method, arch_default)
     exp = _explanation(predictor, analysis, finding, method)
     anatomy = exp.anatomy if contours else None
     pixels = analysis.image.pixels

@@ -131,7 +131,8 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     assert any("Segmentation confidence" in c.value for c in at.caption)  # the anatomy panel's CTR
     # the heatmap shown is the one the upload's own forward pass made: no second explanation was computed
     (key,) = at.session_state["explanations"].keys()
-    assert key[2:] == ("PNEUMONIA", at.selectbox(key="heat_method").value)
+    method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_")).value
+    assert key[2:] == ("PNEUMONIA", method)
     entry = Store().history(username="rita")[0]
     assert entry.model == "pneumonia-hybrid" and entry.findings == ["PNEUMONIA"] and not entry.has_pixels
     assert "PNEUMONIA" in str(Store().audit_log(action="analysis"))
@@ -256,3 +257,42 @@ def test_the_dashboard_starts_without_a_file_watcher():
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["fileWatcherType"] == "none" and config["server"]["runOnSave"] is False
+
+
+def _kermany(n: int) -> list[Path]:
+    val = need("kermany-pneumonia/val")
+    return sorted((val / "PNEUMONIA").glob("*.jpeg"))[:n // 2] + sorted((val / "NORMAL").glob("*.jpeg"))[:n - n // 2]
+
+
+def test_removing_uploads_never_indexes_a_stale_batch_selection(medai_home: Path):
+    """Was: select row 5 of a 6-image batch, remove files -> IndexError (Streamlit's error page)."""
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    files = [(p.name, p.read_bytes(), "image/jpeg") for p in _kermany(6)]
+    at = at.file_uploader[0].set_value(files).run()
+    table = next(d for d in at.dataframe if d.key and d.key.startswith("batch_table_"))
+    at.session_state[table.key] = {"selection": {"rows": [5], "columns": []}}
+    at = at.run()
+    assert not at.exception and any(s.value.replace("\\", "") == files[5][0] for s in at.subheader)
+    at = at.file_uploader[0].set_value(files[:2]).run()  # four files removed with the x
+    assert not at.exception
+    assert any(s.value.replace("\\", "") == files[0][0] for s in at.subheader)
+
+
+def test_a_slow_heatmap_method_says_its_cost_and_does_not_carry_over(medai_home: Path):
+    """Was: Score-CAM chosen once stuck for every later image and model and froze the page for minutes."""
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    first, second = _kermany(2)
+    at = sign_in(app().run(), "rita")
+    at = _analyze_upload(at, first.name, first.read_bytes(), "image/jpeg")
+    method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_"))
+    default = method.value
+    at = method.set_value("scorecam").run()
+    assert not at.exception
+    assert any("Score-CAM runs the model once per feature map" in w.value for w in at.warning)
+    assert not any(k[3] == "scorecam" for k in at.session_state["explanations"])  # nothing ran yet
+    assert any(b.label.startswith("Compute scorecam") for b in at.button)
+    at = _analyze_upload(at, second.name, second.read_bytes(), "image/jpeg")
+    assert not at.exception
+    method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_"))
+    assert method.value == default and not any("Score-CAM" in w.value for w in at.warning)
