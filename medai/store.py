@@ -284,13 +284,18 @@ class Store:
 
     def history(self, username: str | None = None, model: str | None = None, finding: str | None = None,
                 since: float | None = None, limit: int = 500) -> list[HistoryEntry]:
+        """Newest first. ``model`` and ``finding`` match any part of the name, ignoring case ("densenet"
+        finds pneumonia-densenet121, "pneumo" finds PNEUMONIA and Pneumothorax)."""
         clauses, params = [], []
-        for clause, value in (("username = ?", username), ("model = ?", model), ("ts >= ?", since)):
+        for clause, value in (("username = ?", username), ("ts >= ?", since)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
+        if model:
+            clauses.append("instr(lower(model), lower(?)) > 0")
+            params.append(model)
         if finding:
-            clauses.append("EXISTS (SELECT 1 FROM json_each(history.findings) WHERE value = ?)")
+            clauses.append("EXISTS (SELECT 1 FROM json_each(history.findings) WHERE instr(lower(value), lower(?)) > 0)")
             params.append(finding)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self.connect() as conn:

@@ -7,12 +7,48 @@ import json
 
 import streamlit as st
 
+from medai.analysis import analyze_and_explain
+from medai.catalog import ModelEntry, list_models
+from medai.explain.overlay import render_overlay
 from medai.store import Store, User
-from medai.ui.widgets import plain, probability_chart
+from medai.ui.widgets import cached_predictor, plain, probability_chart
 
 
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _model_for(entry) -> ModelEntry | None:
+    """The catalogue's model that made the entry: same name and the same file (sha256)."""
+    entries, _problems = list_models()
+    for candidate in entries:
+        if candidate.name == entry.model:
+            return candidate if cached_predictor(candidate).ckpt.sha256 == entry.model_sha256 else None
+    return None
+
+
+def _image_and_heatmap(entry, pixels: bytes) -> None:
+    """The stored image and, when the model that made the result is still installed, the heatmap of a
+    finding, recomputed from the stored pixels (the same model file: the same map, up to 8-bit storage)."""
+    model = _model_for(entry)
+    findings = [r["finding"] for r in entry.result.get("results", [])]
+    if model is None or not findings:
+        st.image(pixels, caption="stored image", width="stretch")
+        if model is None:
+            st.caption(f"No heatmap: the model {plain(entry.model)} with sha256 {entry.model_sha256[:12]} is no "
+                       "longer installed.")
+        return
+    positives = [r["finding"] for r in entry.result["results"] if r.get("positive")]
+    finding = st.selectbox("Heatmap of", ["none (image only)", *findings],
+                           index=1 + findings.index(positives[0]) if positives else 0, key=f"history_heat_{entry.id}")
+    if finding not in findings:
+        st.image(pixels, caption="stored image", width="stretch")
+        return
+    with st.spinner(f"Heatmap for {finding}..."):
+        analysis, exp = analyze_and_explain(cached_predictor(model), model.name, pixels, entry.file_name, [finding])
+    overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], 0.45, exp.anatomy)
+    st.image(overlay, caption=f"{exp.method} heatmap for {finding} (recomputed from the stored image)",
+             width="stretch")
 
 
 def render_history(user: User) -> None:
@@ -22,8 +58,8 @@ def render_history(user: User) -> None:
     everyone = user.role == "admin"
     who = c1.text_input("User", value="" if everyone else user.username, disabled=not everyone,
                         help=None if everyone else "You see your own analyses; admins see everyone's.")
-    model = c2.text_input("Model")
-    finding = c3.text_input("Finding")
+    model = c2.text_input("Model", help="any part of the name, e.g. densenet")
+    finding = c3.text_input("Finding", help="any part of the name, e.g. pneumo")
     days = c4.number_input("Last days", min_value=1, max_value=3650, value=30)
     since = dt.datetime.now().timestamp() - days * 86400
     entries = db.history(username=(who.strip() or None) if everyone else user.username,
@@ -45,7 +81,8 @@ def render_history(user: User) -> None:
     left, right = st.columns(2)
     pixels = db.history_pixels(entry.id) if entry.has_pixels else None
     if pixels:
-        left.image(pixels, width="stretch")
+        with left:
+            _image_and_heatmap(entry, pixels)
     else:
         left.info("Image pixels are not stored (the admin setting keeps only hashes and results).")
     right.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")

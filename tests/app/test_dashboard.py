@@ -296,3 +296,21 @@ def test_a_slow_heatmap_method_says_its_cost_and_does_not_carry_over(medai_home:
     assert not at.exception
     method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_"))
     assert method.value == default and not any("Score-CAM" in w.value for w in at.warning)
+
+
+def test_history_filters_by_part_of_a_name_and_reopens_image_with_heatmap(medai_home: Path):
+    """Was: the model filter needed the exact name, and a reopened result showed only the bar chart."""
+    image = sorted(need("kermany-pneumonia/val/PNEUMONIA").glob("*.jpeg"))[0]
+    db = Store()
+    db.set_setting("store_pixels", True)
+    auth.create_user(db, "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
+    assert not at.exception
+    assert [e.file_name for e in db.history(model="HYBRID", finding="pneu")] == [image.name]
+    assert db.history(model="densenet") == []
+    history = page_as("history.py", "rita")
+    next(t for t in history.text_input if t.label == "Model").set_value("hybrid").run()
+    assert not history.exception and not history.info
+    captions = [c for img in history.image for c in img.captions]
+    assert any("heatmap for PNEUMONIA (recomputed from the stored image)" in c for c in captions), captions
