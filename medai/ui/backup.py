@@ -54,6 +54,8 @@ def _act_on(admin: User, db: Store, infos: list[backup.BackupInfo]) -> None:
             return
         db.audit(admin.username, "backup_deleted", name=name)
         st.rerun()
+    if st.session_state.pop("backup_restored", False):  # a new restore needs a new tick
+        st.session_state.pop("restore_confirm", None)
     confirm = c4.checkbox("I want to restore this backup", key="restore_confirm")
     if c4.button("Restore", disabled=not confirm, icon=":material/restore:"):
         bar = st.progress(0.0, text="starting")
@@ -63,7 +65,9 @@ def _act_on(admin: User, db: Store, infos: list[backup.BackupInfo]) -> None:
             st.error(f"Nothing was changed: {plain(exc)}")
             return
         db.audit(admin.username, "backup_restored", name=name, pre_restore=safety.name)
-        st.success(f"Restored {name}. The state before it is kept in {safety.name}.")
+        st.session_state["backup_flash"] = f"Restored {name}. The state before it is kept in {safety.name}."
+        st.session_state["backup_restored"] = True
+        st.rerun()  # the list shows the pre-restore archive, the tick is cleared
 
 
 def _prune(admin: User, db: Store) -> None:
@@ -82,6 +86,8 @@ def render_backup(admin: User) -> None:
     st.caption("Archives of models/, configs/, results/ and the database, each verified against its SHA-256 "
                "manifest. A restore verifies first and keeps a pre-restore backup.")
     db = Store()
+    if "backup_flash" in st.session_state:
+        st.success(plain(st.session_state.pop("backup_flash")))
     week_ago = time.time() - 7 * 86400
     for event in db.audit_log(limit=5, action="restore_interrupted"):
         if event["ts"] >= week_ago:  # a restore killed half way, found and repaired at the next start

@@ -185,7 +185,9 @@ def _controls(job: jobs.Job, user: User) -> None:
                 name = st.text_input("Model name", value=job.run_id.rsplit("-", 3)[0])
                 if st.form_submit_button("Register as model"):
                     jobs.register(job.run_id, name, user.username)
-                    st.success(f"Registered as {name}; it is now selectable on Analyze and Metrics.")
+                    st.session_state["train_flash"] = (f"Registered {job.run_id} as {name}; it is now "
+                                                       "selectable on Analyze and Metrics.")
+                    st.rerun(scope="app")  # the run table's model column too
         elif job.registered_as:
             c3.caption(f"Registered as model **{job.registered_as}**")
     except MedaiError as exc:
@@ -219,20 +221,32 @@ def _run_panel(run_id: str, user: User) -> None:
         st.code(status.get("log_tail") or jobs.log_tail(job.run_dir) or "(empty)")
 
 
-def render_train(user: User) -> None:
-    st.title("Train")
-    _launch_form(user)
-    job_list = jobs.list_jobs()
-    if not job_list:
-        st.info("No training runs yet: start one from the sidebar.")
-        return
-    rows = [{"run": j.run_id, "state": j.state, "by": j.username,
+def job_rows(job_list: list[jobs.Job]) -> list[dict]:
+    return [{"run": j.run_id, "state": j.state, "by": j.username,
              "progress": round(100 * (1.0 if j.status.get("state") == "finished" else j.progress)),
              "best val AUROC": j.status.get("best_val_auroc"),
              "started": dt.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M"),
              "model": j.registered_as or ""} for j in job_list]
-    st.dataframe(rows, hide_index=True, column_config={"progress": st.column_config.ProgressColumn(
-        "progress", min_value=0, max_value=100, format="%d%%")})
+
+
+@st.fragment(run_every=REFRESH_S)
+def _run_table() -> None:
+    """The run list, refreshed with the run panel (it said 'running, 0%' after the panel said finished)."""
+    jobs.refresh()
+    st.dataframe(job_rows(jobs.list_jobs()), hide_index=True, column_config={
+        "progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100, format="%d%%")})
+
+
+def render_train(user: User) -> None:
+    st.title("Train")
+    _launch_form(user)
+    if "train_flash" in st.session_state:
+        st.success(st.session_state.pop("train_flash"))
+    job_list = jobs.list_jobs()
+    if not job_list:
+        st.info("No training runs yet: start one from the sidebar.")
+        return
+    _run_table()
     ids = [j.run_id for j in job_list]
     selected = st.session_state.get("train_selected")
     run_id = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0, key="train_run")

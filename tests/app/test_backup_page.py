@@ -29,3 +29,19 @@ def test_admin_creates_and_verifies_a_backup(medai_home: Path):
     assert any(f"{info.name}: all" in s.value for s in at.success)
     actions = [e["action"] for e in Store().audit_log()]
     assert "backup_created" in actions and "backup_verified" in actions
+
+
+def test_after_a_restore_the_list_shows_the_pre_restore_archive_and_the_tick_is_cleared(medai_home: Path):
+    """Was: the backup list missed the pre-restore archive and 'I want to restore' stayed ticked."""
+    auth.create_user(Store(), "admin1", PASSWORD, "admin")
+    at = page_as("backup.py", "admin1")
+    at = next(b for b in at.button if b.label == "Create backup").click().run()
+    at = page_as("backup.py", "admin1")
+    at.checkbox(key="restore_confirm").check().run()
+    at = next(b for b in at.button if b.label == "Restore").click().run()
+    assert not at.exception
+    assert any(s.value.startswith("Restored ") for s in at.success)
+    listed = list(at.dataframe[0].value["backup"])
+    assert len(listed) == 2 and {i.name for i in backup.list_backups()} == set(listed)
+    assert at.checkbox(key="restore_confirm").value is False
+    assert next(b for b in at.button if b.label == "Restore").disabled

@@ -59,8 +59,11 @@ def test_launch_watch_finish_and_register(medai_home: Path):
     assert [m.value for m in at.metric if m.label == "epoch"] == ["2/2"]
     form_input = next(t for t in at.text_input if t.label == "Model name")
     form_input.set_value("ui-tiny-model")
-    next(b for b in at.button if b.label == "Register as model").click().run()
-    assert any("Registered as ui-tiny-model" in s.value for s in at.success)
+    at = next(b for b in at.button if b.label == "Register as model").click().run()
+    assert any("as ui-tiny-model; it is now selectable" in s.value for s in at.success)
+    table = at.dataframe[0].value  # the run table says so too (it lagged behind the run panel)
+    assert list(table["model"]) == ["ui-tiny-model"] and list(table["state"]) == ["finished"]
+    assert list(table["progress"]) == [100]
     assert "ui-tiny-model" in [e.name for e in list_models()[0]]
 
 
