@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--target-sensitivity", type=float)
     sh.add_argument("--notes", default="", help="what mattered in training (goes into the card)")
     sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")
+    sh.add_argument("--also-evaluate", action="append", default=[], metavar="DATASET",
+                    help="another labelled set to evaluate and report (repeatable), e.g. nih-cxr14-bbox")
     ab = sub.add_parser("attach-baseline", help="report a baseline checkpoint in a shipped model's card")
     ab.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
     ab.add_argument("baseline", help="the baseline's checkpoint, shipped with `ship --out` to a scratch folder")
@@ -316,7 +318,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     path = ship_run(args.run, args.name, out_dir=Path(args.out) if args.out else None,
                     threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
-                    notes=args.notes, baseline=args.baseline)
+                    notes=args.notes, baseline=args.baseline, also_evaluate=tuple(args.also_evaluate))
     print(f"shipped {path} ({path.stat().st_size / 2**20:.1f} MB) and {path.with_suffix('.md')}")
     return 0
 

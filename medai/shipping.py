@@ -91,8 +91,9 @@ def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.
 
 def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, threshold_method: str | None = None,
              target_sensitivity: float | None = None, notes: str = "", baseline: str | Path | None = None,
-             n_boot: int = 500) -> Path:
-    """Write ``<out_dir>/<name>.safetensors`` (fp16) and ``<name>.md`` from a finished run."""
+             n_boot: int = 500, also_evaluate: tuple[str, ...] = ()) -> Path:
+    """Write ``<out_dir>/<name>.safetensors`` (fp16) and ``<name>.md`` from a finished run. ``also_evaluate``:
+    more labelled sets (e.g. the NIH bounding-box images) evaluated like ``data.eval_root``."""
     run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
     best = run_dir / "best.safetensors"
     if not best.is_file():
@@ -112,15 +113,18 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
     card.update(thresholds={lab: metrics["per_class"][lab]["threshold"] for lab in card["labels"]},
                 temperature=metrics["calibration"]["temperature"])
     report: dict[str, Any] = {"val": metrics}
-    if cfg.data.eval_root:
-        save_checkpoint(source.model, card, target, dtype=torch.float16)  # external eval uses these thresholds
-        every_image = dataclasses.replace(cfg.data, max_samples=None)  # as the trainer's external evaluation
-        ext = evaluate_checkpoint(load_checkpoint(target), every_image, "all", root=cfg.data.eval_root,
-                                  n_boot=n_boot)
-        report["external"] = {k: v for k, v in ext.metrics.items() if k != "checkpoint"}
-        reference = _reference_aurocs(cfg.data.eval_root, card["labels"], ext.preds["ids"], ext.preds["targets"])
-        if reference:
-            report["external_reference"] = reference
+    save_checkpoint(source.model, card, target, dtype=torch.float16)  # external evals use these thresholds
+    every_image = dataclasses.replace(cfg.data, max_samples=None)  # as the trainer's external evaluation
+    for index, root in enumerate(([cfg.data.eval_root] if cfg.data.eval_root else []) + list(also_evaluate)):
+        ext = evaluate_checkpoint(load_checkpoint(target), every_image, "all", root=root, n_boot=n_boot)
+        reference = _reference_aurocs(root, card["labels"], ext.preds["ids"], ext.preds["targets"])
+        metrics = {k: v for k, v in ext.metrics.items() if k != "checkpoint"}
+        if index == 0 and cfg.data.eval_root:
+            report["external"] = metrics
+            if reference:
+                report["external_reference"] = reference
+        else:
+            report.setdefault("external_more", []).append({"metrics": metrics, "reference": reference})
     info = _dataset_info(cfg.data.root)
     card["metrics"] = report
     card["model_card"] = {
@@ -250,6 +254,10 @@ def render_card(card: dict[str, Any]) -> str:
                   "Thresholds and temperature from validation. Reference column: a published CheXNet's "
                   "probabilities for the same images.", "",
                   *_metrics_table(ext, card["metrics"].get("external_reference"))]
+    for more in card["metrics"].get("external_more", []):
+        m = more["metrics"]
+        lines += ["", f"## External evaluation: {m['data']['root']} ({m['n']} images)",
+                  "Thresholds and temperature from validation.", "", *_metrics_table(m, more.get("reference"))]
     base = mc.get("baseline")
     if base:
         ours, theirs = _schedule(card), base.get("schedule") or {}
