@@ -53,12 +53,14 @@ class AuthPolicy:
     max_attempts: int = 5
     lockout_s: float = 15 * 60
     idle_timeout_s: float = 30 * 60
+    session_max_age_s: float = 12 * 3600  # a signed-in browser session ends after this, active or not
 
     @classmethod
     def from_env(cls) -> AuthPolicy:
         return cls(max_attempts=int(env_number("MEDAI_LOCKOUT_ATTEMPTS", 5)),
                    lockout_s=60 * env_number("MEDAI_LOCKOUT_MINUTES", 15),
-                   idle_timeout_s=60 * env_number("MEDAI_IDLE_TIMEOUT_MINUTES", 30))
+                   idle_timeout_s=60 * env_number("MEDAI_IDLE_TIMEOUT_MINUTES", 30),
+                   session_max_age_s=3600 * env_number("MEDAI_SESSION_HOURS", 12))
 
 
 def can_open(role: str, page: str) -> bool:
@@ -177,6 +179,8 @@ def set_disabled(store: Store, username: str, disabled: bool, actor: str) -> Non
     if disabled:
         _keep_an_admin(store, user)
     store.update_user(user.username, disabled=int(disabled))
+    if disabled:
+        store.delete_web_sessions(username=user.username)
     store.audit(actor, "user_disabled" if disabled else "user_enabled", user=user.username)
 
 
@@ -198,6 +202,49 @@ def reset_password(store: Store, username: str, password: str, actor: str) -> No
     store.update_user(user.username, password_hash=hash_password(password))
     store.set_attempts(user.username, 0, 0.0)
     store.audit(actor, "password_reset", user=user.username)
+
+
+# ---- dashboard sessions that survive a reload -------------------------------------------------------------
+# The browser keeps a random token in a cookie; the store keeps only its SHA-256 with the user, an absolute
+# expiry and the last activity. A reload or a second tab finds the user again; the idle timeout, disabling
+# the user and signing out (which deletes the row) still end it.
+SESSION_COOKIE = "medai_session"
+
+
+def start_web_session(store: Store, username: str, policy: AuthPolicy | None = None,
+                      now: float | None = None) -> str:
+    policy = policy or AuthPolicy.from_env()
+    now = time.time() if now is None else now
+    token = secrets.token_urlsafe(32)
+    store.add_web_session(_token_sha256(token), username, now, now + policy.session_max_age_s)
+    return token
+
+
+def user_for_web_session(store: Store, token: str, policy: AuthPolicy | None = None,
+                         now: float | None = None) -> User | None:
+    """The session's user while it is valid (not expired, not idle too long, user enabled), else None
+    (and an expired or idle session is deleted). Counts as activity."""
+    if not token or len(token) > 200:
+        return None
+    policy = policy or AuthPolicy.from_env()
+    now = time.time() if now is None else now
+    digest = _token_sha256(token)
+    row = store.web_session(digest)
+    if row is None:
+        return None
+    if now > row["expires_at"] or now - row["last_seen"] > policy.idle_timeout_s:
+        store.delete_web_sessions(digest)
+        return None
+    user = store.get_user(row["username"])
+    if user is None or user.disabled:
+        return None
+    store.touch_web_session(digest, now)
+    return user
+
+
+def end_web_session(store: Store, token: str | None) -> None:
+    if token:
+        store.delete_web_sessions(_token_sha256(token))
 
 
 # ---- API tokens (the HTTP API, medai.api) ------------------------------------------------------------------

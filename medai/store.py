@@ -98,6 +98,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX api_tokens_user ON api_tokens(username);
     """,
+    # 4: dashboard sign-in sessions that survive a page reload (medai.auth web sessions; SHA-256 only)
+    """
+    CREATE TABLE web_sessions (
+        token_sha256 TEXT PRIMARY KEY,
+        username TEXT NOT NULL COLLATE NOCASE,
+        created_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX web_sessions_user ON web_sessions(username);
+    """,
 )
 
 DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False}
@@ -340,6 +351,26 @@ class Store:
                                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                                (username, label, token_sha256, prefix, created_by, time.time()))
             return int(cur.lastrowid)
+
+    def add_web_session(self, token_sha256: str, username: str, now: float, expires_at: float) -> None:
+        with self.connect() as conn:
+            conn.execute("INSERT INTO web_sessions (token_sha256, username, created_at, last_seen, expires_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (token_sha256, username, now, now, expires_at))
+
+    def web_session(self, token_sha256: str) -> dict[str, Any] | None:
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM web_sessions WHERE token_sha256 = ?", (token_sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def touch_web_session(self, token_sha256: str, now: float) -> None:
+        with self.connect() as conn:
+            conn.execute("UPDATE web_sessions SET last_seen = ? WHERE token_sha256 = ?", (now, token_sha256))
+
+    def delete_web_sessions(self, token_sha256: str | None = None, username: str | None = None) -> int:
+        """Delete one session (by token hash) or all of a user's."""
+        column, value = ("token_sha256", token_sha256) if token_sha256 else ("username", username)
+        with self.connect() as conn:
+            return conn.execute(f"DELETE FROM web_sessions WHERE {column} = ?", (value,)).rowcount
 
     def token_by_hash(self, token_sha256: str) -> dict[str, Any] | None:
         with self.connect() as conn:

@@ -147,3 +147,29 @@ def test_every_audited_action_is_in_the_vocabulary_and_unknown_ones_are_refused(
     assert used and used <= {a.value for a in AuditAction}, used - {a.value for a in AuditAction}
     with pytest.raises(ValueError, match="unknown audit action"):
         Store().audit("x", "made_up_action")
+
+
+def test_web_sessions_survive_a_reload_until_idle_expired_disabled_or_signed_out(medai_home):
+    """The cookie's token finds its user again (a reload, a second tab); only a SHA-256 is stored; idle
+    time, the absolute age, disabling the user and signing out each end it."""
+    db = Store()
+    auth.create_user(db, "rita", PASSWORD, "radiologist")
+    policy = auth.AuthPolicy(idle_timeout_s=60, session_max_age_s=3600)
+    token = auth.start_web_session(db, "rita", policy, now=1000.0)
+    assert token not in str(db.path.read_bytes()) and len(token) >= 40
+    assert auth.user_for_web_session(db, token, policy, now=1050.0).username == "rita"
+    assert auth.user_for_web_session(db, token, policy, now=1100.0).username == "rita"  # activity renews
+    assert auth.user_for_web_session(db, token + "x", policy, now=1100.0) is None
+    assert auth.user_for_web_session(db, token, policy, now=1200.0) is None  # idle 100 s > 60 s
+    assert auth.user_for_web_session(db, token, policy, now=1201.0) is None  # and it is gone
+    old = auth.start_web_session(db, "rita", policy, now=0.0)
+    for t in range(50, 3600, 50):
+        auth.user_for_web_session(db, old, policy, now=float(t))
+    assert auth.user_for_web_session(db, old, policy, now=3650.0) is None  # past the absolute age
+    other = auth.start_web_session(db, "rita", policy, now=5000.0)
+    auth.end_web_session(db, other)  # sign-out invalidates it server-side
+    assert auth.user_for_web_session(db, other, policy, now=5001.0) is None
+    third = auth.start_web_session(db, "rita", policy, now=6000.0)
+    auth.create_user(db, "admin1", PASSWORD, "admin")
+    auth.set_disabled(db, "rita", True, actor="admin1")
+    assert auth.user_for_web_session(db, third, policy, now=6001.0) is None

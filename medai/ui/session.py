@@ -18,6 +18,9 @@ from medai.store import Store, User
 
 USER_KEY = "medai_user"
 SEEN_KEY = "medai_last_seen"
+TOKEN_KEY = "medai_session_token"
+COOKIE_SENT_KEY = "medai_cookie_sent"
+CLEAR_COOKIE_KEY = "medai_clear_cookie"
 PAGE_TITLES = {"analyze": "Analyze", "history": "History", "train": "Train", "metrics": "Metrics",
                "backup": "Backup", "users": "Users", "models": "Models"}
 
@@ -30,8 +33,40 @@ def store() -> Store:
     return Store()
 
 
+def _set_cookie(value: str, max_age_s: int) -> None:
+    """Write (or, with max-age 0, delete) the session cookie in the browser: Streamlit cannot set cookies
+    from Python, so a zero-height component does it in the page's own origin."""
+    import json
+
+    import streamlit.components.v1 as components
+
+    cookie = json.dumps(f"{auth.SESSION_COOKIE}={value}; path=/; max-age={max_age_s}; samesite=strict")
+    components.html(f"<script>try {{ window.parent.document.cookie = {cookie}; }} catch (e) {{ "
+                    f"document.cookie = {cookie}; }}</script>", height=0)
+
+
+def _session_cookie() -> str | None:
+    try:
+        return st.context.cookies.get(auth.SESSION_COOKIE)
+    except Exception:  # noqa: BLE001 - no browser behind this session (AppTest, bare mode)
+        return None
+
+
+def _resume_from_cookie() -> None:
+    """A reload or a second tab starts a new Streamlit session: find its user from the cookie."""
+    token = _session_cookie()
+    if not token or st.session_state.get(CLEAR_COOKIE_KEY):
+        return
+    user = auth.user_for_web_session(store(), token)
+    if user is not None:
+        st.session_state.update({USER_KEY: user.username, SEEN_KEY: time.time(), TOKEN_KEY: token,
+                                 COOKIE_SENT_KEY: token})
+
+
 def current_user() -> User | None:
     """The signed-in, still active user of this session, or None (also after the idle timeout)."""
+    if not st.session_state.get(USER_KEY):
+        _resume_from_cookie()
     name = st.session_state.get(USER_KEY)
     if not name:
         return None
@@ -45,7 +80,15 @@ def current_user() -> User | None:
     if user is None or user.disabled:  # disabled or removed while signed in
         sign_out()
         return None
+    token = st.session_state.get(TOKEN_KEY)
+    if token and now - st.session_state.get(SEEN_KEY, 0.0) > 15:  # keep the server-side session alive
+        if auth.user_for_web_session(store(), token, now=now) is None:  # signed out elsewhere or expired
+            sign_out()
+            return None
     st.session_state[SEEN_KEY] = now
+    if token and st.session_state.get(COOKIE_SENT_KEY) != token:
+        _set_cookie(token, int(auth.AuthPolicy.from_env().session_max_age_s))
+        st.session_state[COOKIE_SENT_KEY] = token
     return user
 
 
@@ -56,8 +99,13 @@ def session_expired() -> bool:
 
 
 def sign_out() -> None:
+    """End the session here and on the server: the cookie's token no longer signs anyone in."""
+    auth.end_web_session(store(), st.session_state.get(TOKEN_KEY))
+    had_cookie = bool(st.session_state.get(TOKEN_KEY) or _session_cookie())
     for key in list(st.session_state.keys()):
         del st.session_state[key]
+    if had_cookie:
+        st.session_state[CLEAR_COOKIE_KEY] = True  # deleted in the browser by the next run
 
 
 def _first_run_form(db: Store) -> None:
@@ -82,8 +130,10 @@ def _first_run_form(db: Store) -> None:
 
 
 def _start_session(user: User) -> None:
+    st.session_state.pop(CLEAR_COOKIE_KEY, None)
     st.session_state[USER_KEY] = user.username
     st.session_state[SEEN_KEY] = time.time()
+    st.session_state[TOKEN_KEY] = auth.start_web_session(store(), user.username)  # cookie: next run
     st.rerun()
 
 
@@ -102,6 +152,8 @@ def login_view() -> None:
     notice = st.session_state.pop("medai_notice", None)
     if notice:
         st.info(notice)
+    if st.session_state.get(CLEAR_COOKIE_KEY):
+        _set_cookie("", 0)
     with st.form("login"):
         username = st.text_input("Username")
         password = st.text_input("Password", type="password")

@@ -146,8 +146,10 @@ def shot(page, name: str) -> Path:
 
 
 def sign_in(page, url: str, user: str, path: str = "") -> None:
+    """Open ``path`` signed in as ``user``: a browser that signed in before keeps its session (cookie),
+    otherwise the sign-in form is filled."""
     page.goto(f"{url}/{path}")
-    page.get_by_role("button", name="Sign in").wait_for()
+    page.get_by_role("button", name="Sign in").or_(page.get_by_text(f"Signed in as {user}")).first.wait_for()
     if path:  # a page this session's navigation does not offer: Streamlit says so in a dialog
         try:
             page.get_by_text("Page not found").wait_for(timeout=3000)
@@ -155,7 +157,8 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
             page.get_by_role("dialog").wait_for(state="hidden")
         except PlaywrightTimeout:
             pass
-    fill_sign_in(page, user, PASSWORD)
+    if page.get_by_role("button", name="Sign in").count():
+        fill_sign_in(page, user, PASSWORD)
     page.get_by_text(f"Signed in as {user}").wait_for()
 
 

@@ -78,7 +78,7 @@ def test_each_role_sees_its_pages_and_cannot_open_others_by_url(server, page, us
     links = set(link_locator.all_inner_texts())
     assert {link.strip().split("\n")[-1] for link in links} == NAV[role]  # text = icon name + title
     if role != "admin":
-        sign_in(page, server, user, path="users")  # a URL visit starts a new session: sign in there
+        sign_in(page, server, user, path="users")  # a URL visit is a new Streamlit session: same user (cookie)
         body = page.locator("body").inner_text()
         assert "Audit log" not in body and "New user" not in body
         sign_in(page, server, user, path="backup")
@@ -170,6 +170,26 @@ def test_admin_creates_a_radiologist_who_can_sign_in(server, browser, page):
     sign_in(other, server, "rad2")
     assert "Signed in as rad2" in other.locator("body").inner_text()
     other.context.close()
+
+
+def test_a_reload_or_second_tab_keeps_the_session_and_sign_out_ends_it_everywhere(server, page):
+    """Was: F5 signed you out. The session cookie finds the user again; signing out deletes the session
+    on the server, so the same cookie, replayed, signs nobody in."""
+    sign_in(page, server, "rad1")
+    page.reload()
+    page.get_by_text("Signed in as rad1").wait_for()
+    second = page.context.new_page()
+    second.goto(f"{server}/history")
+    second.get_by_text("Signed in as rad1").wait_for()
+    cookie = next(c for c in page.context.cookies() if c["name"] == "medai_session")
+    second.close()
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("button", name="Sign in").wait_for()
+    page.context.add_cookies([{k: cookie[k] for k in ("name", "value", "domain", "path")}])  # replayed
+    page.reload()
+    page.get_by_role("button", name="Sign in").wait_for()
+    settle(page)
+    assert "Signed in as" not in page.locator("body").inner_text()
 
 
 def test_admin_creates_and_verifies_a_backup(server, page):
