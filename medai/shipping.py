@@ -40,8 +40,8 @@ DATASETS: dict[str, dict[str, str]] = {
         "source": "NIH Clinical Center ChestX-ray14 (Wang et al. 2017), patients 1-3923, 224 px",
         "licence": "CC0",
         "limitations": "Labels were text-mined from reports (about 90% accurate) and several findings are "
-                       "rare; one hospital, adults. Trained on about 13k images at low resolution on CPU: "
-                       "small findings (nodules) are poorly detected."},
+                       "rare; one hospital, adults. Trained on about 13k of NIH's 112k images (patients "
+                       "1-3923) at low resolution on CPU: small findings (nodules) are poorly detected."},
     "brain-tumor-mri": {
         "source": "Brain MRI slices assembled from figshare, SARTAJ and Br35H (Kaggle 'Brain Tumor MRI "
                   "Dataset'), duplicates removed",
@@ -250,13 +250,13 @@ def render_card(card: dict[str, Any]) -> str:
               "temperature scaling.", "", *_metrics_table(val)]
     ext = card["metrics"].get("external")
     if ext:
-        lines += ["", f"## External evaluation: {ext['data']['root']} ({ext['n']} images)",
+        lines += ["", f"## External evaluation: {Path(ext['data']['root']).name} ({ext['n']} images)",
                   "Thresholds and temperature from validation. Reference column: a published CheXNet's "
                   "probabilities for the same images.", "",
                   *_metrics_table(ext, card["metrics"].get("external_reference"))]
     for more in card["metrics"].get("external_more", []):
         m = more["metrics"]
-        lines += ["", f"## External evaluation: {m['data']['root']} ({m['n']} images)",
+        lines += ["", f"## External evaluation: {Path(m['data']['root']).name} ({m['n']} images)",
                   "Thresholds and temperature from validation.", "", *_metrics_table(m, more.get("reference"))]
     base = mc.get("baseline")
     if base:
