@@ -224,7 +224,7 @@ def user_for_web_session(store: Store, token: str, policy: AuthPolicy | None = N
                          now: float | None = None) -> User | None:
     """The session's user while it is valid (not expired, not idle too long, user enabled), else None
     (and an expired or idle session is deleted). Counts as activity."""
-    if not token or len(token) > 200:
+    if not isinstance(token, str) or not token or len(token) > 200:
         return None
     policy = policy or AuthPolicy.from_env()
     now = time.time() if now is None else now

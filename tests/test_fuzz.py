@@ -322,7 +322,7 @@ def real_backup(tmp_path_factory: pytest.TempPathFactory) -> Blob:
         (home / "models" / "tiny.safetensors").write_bytes(os.urandom(2048))
         (home / "configs").mkdir()
         shutil.copy(ROOT / "configs" / "hybrid_pneumonia.yaml", home / "configs")
-        Store(home / "store" / "medai.db").audit("admin", "fuzz_seed")
+        Store(home / "store" / "medai.db").audit("admin", "login_ok")  # a row to back up
         return Blob(backup.create("admin", label="seed").read_bytes())
     finally:
         os.environ["MEDAI_HOME"] = old or ""

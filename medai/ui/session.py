@@ -21,6 +21,7 @@ SEEN_KEY = "medai_last_seen"
 TOKEN_KEY = "medai_session_token"
 COOKIE_SENT_KEY = "medai_cookie_sent"
 CLEAR_COOKIE_KEY = "medai_clear_cookie"
+TOUCH_KEY = "medai_session_touched"  # when the server-side session was last renewed
 PAGE_TITLES = {"analyze": "Analyze", "history": "History", "train": "Train", "metrics": "Metrics",
                "backup": "Backup", "users": "Users", "models": "Models"}
 
@@ -47,9 +48,10 @@ def _set_cookie(value: str, max_age_s: int) -> None:
 
 def _session_cookie() -> str | None:
     try:
-        return st.context.cookies.get(auth.SESSION_COOKIE)
+        value = st.context.cookies.get(auth.SESSION_COOKIE)
     except Exception:  # noqa: BLE001 - no browser behind this session (AppTest, bare mode)
         return None
+    return value if isinstance(value, str) and value else None  # AppTest hands back a stand-in object
 
 
 def _resume_from_cookie() -> None:
@@ -59,7 +61,8 @@ def _resume_from_cookie() -> None:
         return
     user = auth.user_for_web_session(store(), token)
     if user is not None:
-        st.session_state.update({USER_KEY: user.username, SEEN_KEY: time.time(), TOKEN_KEY: token,
+        now = time.time()
+        st.session_state.update({USER_KEY: user.username, SEEN_KEY: now, TOUCH_KEY: now, TOKEN_KEY: token,
                                  COOKIE_SENT_KEY: token})
 
 
@@ -81,10 +84,11 @@ def current_user() -> User | None:
         sign_out()
         return None
     token = st.session_state.get(TOKEN_KEY)
-    if token and now - st.session_state.get(SEEN_KEY, 0.0) > 15:  # keep the server-side session alive
+    if token and now - st.session_state.get(TOUCH_KEY, 0.0) > 15:  # keep the server-side session alive
         if auth.user_for_web_session(store(), token, now=now) is None:  # signed out elsewhere or expired
             sign_out()
             return None
+        st.session_state[TOUCH_KEY] = now
     st.session_state[SEEN_KEY] = now
     if token and st.session_state.get(COOKIE_SENT_KEY) != token:
         _set_cookie(token, int(auth.AuthPolicy.from_env().session_max_age_s))
@@ -134,6 +138,7 @@ def _start_session(user: User) -> None:
     st.session_state[USER_KEY] = user.username
     st.session_state[SEEN_KEY] = time.time()
     st.session_state[TOKEN_KEY] = auth.start_web_session(store(), user.username)  # cookie: next run
+    st.session_state[TOUCH_KEY] = time.time()
     st.rerun()
 
 

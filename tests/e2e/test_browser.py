@@ -201,3 +201,48 @@ def test_admin_creates_and_verifies_a_backup(server, page):
     page.get_by_role("button", name="Verify").click()
     page.get_by_text("files match their SHA-256").wait_for()
     shot(page, "backup")
+
+
+def _kermany(n: int) -> list[Path]:
+    val = need("kermany-pneumonia/val")
+    return sorted((val / "PNEUMONIA").glob("*.jpeg"))[:n // 2] + sorted((val / "NORMAL").glob("*.jpeg"))[:n - n // 2]
+
+
+def test_removing_files_after_selecting_a_batch_row_does_not_crash(server, page):
+    """Was: 6 images, select row 5, remove files with the x -> 'This app has encountered an error'."""
+    files = _kermany(6)
+    sign_in(page, server, "rad1")
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(f) for f in files])
+    page.get_by_text("6 images").wait_for(timeout=180_000)
+    settle(page)
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 12, box["y"] + 35 * 5 + 35 + 17)  # the row-selection cell of row 5 (0-based)
+    page.get_by_role("heading", name=files[5].name).wait_for(timeout=120_000)
+    settle(page)
+    for _ in range(4):  # remove files with the uploader's x
+        page.locator('[data-testid="stFileUploaderDeleteBtn"] button').last.click()
+        settle(page)
+    assert not page.locator('[data-testid="stException"]').count()
+    assert "encountered an error" not in page.locator("body").inner_text()
+    page.get_by_text("2 images").wait_for(timeout=120_000)
+
+
+def test_score_cam_says_its_cost_and_does_not_stick_to_the_next_image(server, page):
+    """Was: choosing Score-CAM once kept it for every later image and model (a 200 s spinner)."""
+    first, second = _kermany(2)
+    sign_in(page, server, "rad1")
+    uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
+    uploader.set_input_files([str(first)])
+    page.get_by_text("heatmap for").first.wait_for(timeout=120_000)
+    settle(page)
+    page.get_by_label("Method", exact=True).click()
+    page.get_by_role("option", name="scorecam (slow)").click()
+    page.get_by_text("Score-CAM runs the model once per feature map").wait_for(timeout=60_000)
+    page.get_by_role("button", name=re.compile(r"^Compute scorecam for ")).wait_for()
+    settle(page)
+    uploader.set_input_files([str(second)])
+    page.get_by_role("heading", name=second.name).wait_for(timeout=120_000)
+    settle(page)
+    assert "Score-CAM runs the model" not in page.locator("body").inner_text()
+    assert "scorecam" not in page.get_by_label("Method", exact=True).inner_text()
