@@ -149,7 +149,11 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
     """Open ``path`` signed in as ``user``: a browser that signed in before keeps its session (cookie),
     otherwise the sign-in form is filled."""
     page.goto(f"{url}/{path}")
-    page.get_by_role("button", name="Sign in").or_(page.get_by_text(f"Signed in as {user}")).first.wait_for()
+    form, signed_in = page.get_by_role("button", name="Sign in"), page.get_by_text(f"Signed in as {user}")
+    deadline = time.monotonic() + 90
+    while not (form.count() and form.first.is_visible()) and not (signed_in.count() and signed_in.first.is_visible()):
+        assert time.monotonic() < deadline, page.locator("body").inner_text()[:2000]
+        page.wait_for_timeout(250)
     if path:  # a page this session's navigation does not offer: Streamlit says so in a dialog
         try:
             page.get_by_text("Page not found").wait_for(timeout=3000)
@@ -157,9 +161,10 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
             page.get_by_role("dialog").wait_for(state="hidden")
         except PlaywrightTimeout:
             pass
-    if page.get_by_role("button", name="Sign in").count():
+    if form.count() and form.first.is_visible():
         fill_sign_in(page, user, PASSWORD)
     page.get_by_text(f"Signed in as {user}").wait_for()
+    settle(page)  # the run that sets the session cookie: a click during it can be lost
 
 
 def fill_sign_in(page, user: str, password: str) -> None:

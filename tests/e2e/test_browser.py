@@ -143,7 +143,7 @@ def test_researcher_trains_a_tiny_model_and_sees_curves_then_metrics(server, pag
     page.get_by_role("button", name="Register as model").click()
     page.get_by_text(re.compile(r"Registered e2e-tiny-\S+ as e2e-tiny-model")).wait_for()
     # the run table refreshed with the panel: finished, 100%, registered (it said 'running, 0%' before)
-    table = page.locator('[data-testid="stDataFrame"]').first
+    table = page.locator('[data-testid="stMain"] [data-testid="stDataFrame"]').first
     expect(table).to_contain_text("e2e-tiny-model", timeout=30_000)
     sidebar.locator('[data-testid="stPageLink"]', has_text="Metrics").click()
     page.get_by_role("heading", name="Metrics", exact=True).wait_for()
@@ -221,7 +221,7 @@ def test_removing_files_after_selecting_a_batch_row_does_not_crash(server, page)
     page.get_by_role("heading", name=files[5].name).wait_for(timeout=120_000)
     settle(page)
     for _ in range(4):  # remove files with the uploader's x
-        page.locator('[data-testid="stFileUploaderDeleteBtn"] button').last.click()
+        page.locator('[data-testid="stFileChipDeleteBtn"]').last.click()
         settle(page)
     assert not page.locator('[data-testid="stException"]').count()
     assert "encountered an error" not in page.locator("body").inner_text()
@@ -240,6 +240,8 @@ def test_score_cam_says_its_cost_and_does_not_stick_to_the_next_image(server, pa
     page.get_by_role("option", name="scorecam (slow)").click()
     page.get_by_text("Score-CAM runs the model once per feature map").wait_for(timeout=60_000)
     page.get_by_role("button", name=re.compile(r"^Compute scorecam for ")).wait_for()
+    settle(page)
+    page.locator('[data-testid="stFileChipDeleteBtn"]').last.click()  # remove the first image
     settle(page)
     uploader.set_input_files([str(second)])
     page.get_by_role("heading", name=second.name).wait_for(timeout=120_000)
