@@ -51,8 +51,8 @@ def create_app(settings: ApiSettings | None = None, store: Store | None = None, 
                   description="Chest X-ray findings with Grad-CAM heatmaps and anatomical attention. Decision "
                               "support for trained readers, not a diagnosis. Send `Authorization: Bearer <token>`.")
     app.state.settings, app.state.store, app.state.pool, app.state.queue = settings, store, pool, queue
-    app.state.preload, app.state.log = preload, log
-    app.state.executor = queue.executor
+    app.state.preload = preload
+    app.state.executor = queue.executor  # the worker pool (tests occupy it to provoke 503s)
     install_handlers(app)
     app.include_router(router)
 

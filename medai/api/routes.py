@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -25,6 +26,7 @@ from medai.explain.overlay import render_overlay, to_png
 from medai.inference import Predictor
 from medai.store import StoreError
 
+log = logging.getLogger("medai.api")
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="an API token made by an admin")
 
@@ -121,7 +123,7 @@ def health(request: Request) -> JSONResponse:
         state.store.schema_version()
         store_ok = True
     except StoreError as exc:
-        state.log.error("store unreachable: %s", exc)
+        log.error("store unreachable: %s", exc)
         store_ok = False
     entries = state.pool.entries()
     loaded = state.pool.loaded()
