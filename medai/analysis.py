@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from medai import gate
 from medai.data.io import DecodedImage
+from medai.gate import Verdict, refusal_message
 from medai.explain.explainer import Explanation, Findings, explain
 from medai.inference import Prediction, Predictor
 
@@ -25,39 +27,59 @@ BORDERLINE_MARGIN = 0.10
 
 @dataclass
 class Analysis:
+    """One image through one model. A refused image (the input gate's verdict) has no prediction: no
+    probability of it is ever shown or stored as a finding."""
     file_name: str
     image_sha256: str
     image: DecodedImage
-    prediction: Prediction
+    prediction: Prediction | None
     model_name: str
     model_sha256: str
+    verdict: Verdict
+
+    @property
+    def refused(self) -> bool:
+        return not self.verdict.accepted
 
     @property
     def labels(self) -> list[str]:
-        return self.prediction.labels
+        return self.prediction.labels if self.prediction else []
 
 
 def _analysis(predictor: Predictor, model_name: str, data: bytes, file_name: str, image: DecodedImage,
-              prediction: Prediction) -> Analysis:
+              prediction: Prediction | None, verdict: Verdict) -> Analysis:
     return Analysis(file_name=file_name, image_sha256=hashlib.sha256(data).hexdigest(), image=image,
-                    prediction=prediction, model_name=model_name, model_sha256=predictor.ckpt.sha256)
+                    prediction=prediction, model_name=model_name, model_sha256=predictor.ckpt.sha256,
+                    verdict=verdict)
+
+
+def gate_verdict(predictor: Predictor, image: DecodedImage) -> Verdict:
+    """Whether ``predictor``'s model can read ``image`` (tags and pixels; ``medai/gate.py``)."""
+    return gate.check([image], predictor.ckpt.card)[0]
 
 
 def analyze_bytes(predictor: Predictor, model_name: str, data: bytes, file_name: str) -> Analysis:
-    """Decode and predict one upload; decoding errors (``ImageDecodeError``) propagate with their message."""
+    """Decode, check and predict one upload; decoding errors (``ImageDecodeError``) propagate with their
+    message; a refused image is returned without a prediction."""
     image = predictor.decode(data, name=file_name)
-    return _analysis(predictor, model_name, data, file_name, image, predictor.predict(image))
+    verdict = gate_verdict(predictor, image)
+    prediction = predictor.predict(image) if verdict.accepted else None
+    return _analysis(predictor, model_name, data, file_name, image, prediction, verdict)
 
 
 def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file_name: str,
                         findings: Findings = "positive", method: str | None = None
-                        ) -> tuple[Analysis, Explanation]:
-    """Decode, predict and explain in one forward pass: the heatmaps' forward pass gives the prediction
-    (``analyze_bytes`` + ``explain`` would run the model twice)."""
+                        ) -> tuple[Analysis, Explanation | None]:
+    """Decode, check, predict and explain in one forward pass: the heatmaps' forward pass gives the
+    prediction (``analyze_bytes`` + ``explain`` would run the model twice). Refused: no explanation."""
     image = predictor.decode(data, name=file_name)
+    verdict = gate_verdict(predictor, image)
+    if not verdict.accepted:
+        return _analysis(predictor, model_name, data, file_name, image, None, verdict), None
     exp = explain(predictor, image, findings, method)
-    prediction = Prediction(predictor.labels, list(exp.probabilities), predictor.thresholds, image.meta.to_dict())
-    return _analysis(predictor, model_name, data, file_name, image, prediction), exp
+    prediction = Prediction(predictor.labels, list(exp.probabilities), dict(predictor.thresholds),
+                            image.meta.to_dict())
+    return _analysis(predictor, model_name, data, file_name, image, prediction, verdict), exp
 
 
 def confidence_band(probability: float, threshold: float) -> str:
@@ -70,11 +92,20 @@ def confidence_band(probability: float, threshold: float) -> str:
     return "unlikely" if -margin < 0.3 else "very unlikely"
 
 
-def decide(labels: list[str], probabilities: list[float], thresholds: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per label: positives first (most probable first), then the rest by probability."""
-    rows = [{"finding": lab, "probability": float(p), "threshold": float(thresholds[lab]),
-             "positive": bool(p >= thresholds[lab]), "confidence": confidence_band(p, thresholds[lab])}
-            for lab, p in zip(labels, probabilities)]
+def decide(labels: list[str], probabilities: list[float], thresholds: dict[str, float],
+           model_thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per finding (a label with a threshold: a negative class such as NORMAL is none), positives
+    first (most probable first), then the rest by probability. Each row says whether its threshold is the
+    model's operating point or the reader's own, with the model's value beside it."""
+    model_thresholds = model_thresholds or thresholds
+    rows = []
+    for lab, p in zip(labels, probabilities):
+        if lab not in thresholds:
+            continue
+        t, m = float(thresholds[lab]), float(model_thresholds.get(lab, thresholds[lab]))
+        rows.append({"finding": lab, "probability": float(p), "threshold": t, "model_threshold": m,
+                     "threshold_source": "reader" if abs(t - m) > 1e-9 else "model",
+                     "positive": bool(p >= t), "confidence": confidence_band(p, t)})
     return sorted(rows, key=lambda r: (not r["positive"], -r["probability"]))
 
 
@@ -109,59 +140,109 @@ def result_dict(analysis: Analysis, thresholds: dict[str, float], card: dict[str
     """The full, JSON-serialisable result of one analysis (no pixels, no patient tags)."""
     meta = {k: v for k, v in analysis.image.meta.to_dict().items() if k != "extra"}
     meta["decoder_warnings"] = list(analysis.image.meta.extra.get("warnings", []))
-    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
-    return {
-        "file": analysis.file_name, "image_sha256": analysis.image_sha256, "image": meta,
-        "model": {"name": analysis.model_name, "sha256": analysis.model_sha256, **card_summary(card)},
-        "findings": [r["finding"] for r in rows if r["positive"]],
-        "results": rows,
-        "explanation": explanation, "disclaimer": DISCLAIMER,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    common = {"file": analysis.file_name, "image_sha256": analysis.image_sha256, "image": meta,
+              "model": {"name": analysis.model_name, "sha256": analysis.model_sha256, **card_summary(card)},
+              "input_gate": analysis.verdict.to_dict(), "disclaimer": DISCLAIMER,
+              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if analysis.refused:
+        return {**common, "status": "refused", "refusal": refusal_message(analysis.verdict), "findings": [],
+                "results": [], "thresholds": {}, "explanation": None}
+    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds, analysis.prediction.thresholds)
+    return {**common, "status": "analysed", "findings": [r["finding"] for r in rows if r["positive"]],
+            "results": rows, "thresholds": {r["finding"]: {"value": r["threshold"], "model": r["model_threshold"],
+                                                           "source": r["threshold_source"]} for r in rows},
+            "explanation": explanation}
 
 
-def report_pdf(result: dict[str, Any], image_u8: np.ndarray, overlay_rgb: np.ndarray | None,
-               overlay_title: str = "") -> bytes:
-    """A one-page A4 PDF: image, overlay, findings table, model summary and the disclaimer."""
+def flat_result(analysis: Analysis, card: dict[str, Any], explanation: dict[str, Any] | None = None,
+                warnings: list[str] | None = None) -> dict[str, Any]:
+    """The API's and the CLI's result: ``result_dict`` at the model's operating points, plus flat
+    ``probabilities`` and ``operating_points``; a refused image carries its refusal as the one warning and
+    no probabilities."""
+    result = result_dict(analysis, dict(analysis.prediction.thresholds) if analysis.prediction else {}, card,
+                         explanation)
+    if analysis.refused:
+        return {**result, "warnings": [result["refusal"]]}
+    return {**result, "probabilities": dict(zip(analysis.labels, analysis.prediction.probabilities)),
+            "operating_points": dict(analysis.prediction.thresholds), "warnings": list(warnings or [])}
+
+
+def analyze_path(predictor: Predictor, path: str, findings: Findings | None = None, method: str | None = None
+                 ) -> tuple[Analysis, Explanation | None]:
+    """``analyze_bytes`` / ``analyze_and_explain`` (when ``findings`` is given) of a file on disk, read only
+    if it is a regular file within the decoder's size limit."""
+    from pathlib import Path
+
+    from medai.data.io import read_regular_file
+
+    data = read_regular_file(Path(path), path, predictor.limits.max_file_bytes)
+    name = Path(predictor.ckpt.path).stem
+    if findings is None:
+        return analyze_bytes(predictor, name, data, path), None
+    return analyze_and_explain(predictor, name, data, path, findings, method)
+
+
+def _ctr_line(result: dict[str, Any]) -> str:
+    ctr = (result.get("explanation") or {}).get("cardiothoracic_ratio") or {}
+    if ctr.get("ctr") is None:
+        return f"Cardiothoracic ratio: not available ({ctr.get('note') or 'no anatomy map for this image'})"
+    if not ctr.get("reliable", True):
+        return f"Cardiothoracic ratio: not available - {ctr.get('caveat')} (estimate {ctr['ctr']:.2f})"
+    return f"Cardiothoracic ratio (automatic estimate): {ctr['ctr']:.2f}; {ctr.get('note', '')}"
+
+
+def _threshold_cell(row: dict[str, Any]) -> str:
+    if row.get("threshold_source") == "reader":
+        return f"{row['threshold']:.2f} reader (model {row['model_threshold']:.2f})"
+    return f"{row['threshold']:.2f} model"
+
+
+def report_pdf(result: dict[str, Any], image_u8: np.ndarray, overlays: list[tuple[str, np.ndarray]],
+               reader: str = "") -> bytes:
+    """A one-page A4 report: who, what model, the input gate's verdict, every finding with probability,
+    threshold (model's or the reader's) and call, the heatmaps of the positive findings only, the CTR
+    (or why it is not available) and the disclaimer. ``overlays``: (title, RGB) of positive findings."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.27, 11.69))
-    fig.text(0.06, 0.965, "MedAI CXR - analysis report", fontsize=16, weight="bold")
-    fig.text(0.06, 0.945, f"{result['file']}   |   {result['created_at']}   |   image sha256 "
-             f"{result['image_sha256'][:16]}...", fontsize=7.5, color="#444")
-    for i, (img, title) in enumerate(((image_u8, "Image"), (overlay_rgb, overlay_title or "Heatmap"))):
-        if img is None:
-            continue
-        ax = fig.add_axes((0.06 + i * 0.46, 0.56, 0.42, 0.37))
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    rows = result["results"][:15]
-    table_ax = fig.add_axes((0.06, 0.22, 0.88, 0.31))
-    table_ax.axis("off")
-    cells = [[r["finding"], f"{r['probability']:.3f}", f"{r['threshold']:.3f}",
-              "POSITIVE" if r["positive"] else "-", r["confidence"]] for r in rows]
-    table = table_ax.table(cellText=cells, colLabels=["Finding", "Probability", "Threshold", "Call", "Confidence"],
-                           loc="upper center", cellLoc="left")
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    for (row, _), cell in table.get_celld().items():
-        if row > 0 and rows[row - 1]["positive"]:
-            cell.set_facecolor("#fde8e4")
     model = result["model"]
-    auroc = f"{model['val_auroc']:.3f}" if isinstance(model.get("val_auroc"), (int, float)) else "n/a"
-    lines = [f"Model: {model['name']} ({model['architecture']}, task {model['task']}, validation AUROC {auroc}, "
-             f"sha256 {model['sha256'][:12]}...)"]
-    ctr = ((result.get("explanation") or {}).get("cardiothoracic_ratio") or {}).get("ctr")
-    if ctr is not None:
-        lines.append(f"Cardiothoracic ratio (automatic estimate): {ctr:.2f}")
+    fig.text(0.06, 0.965, "MedAI CXR - analysis report", fontsize=16, weight="bold")
+    fig.text(0.06, 0.943, f"File {result['file']}   |   {result['created_at']}   |   reader {reader or '-'}   |   "
+             f"image sha256 {result['image_sha256'][:16]}...", fontsize=7.5, color="#444")
+    fig.text(0.06, 0.928, f"Model {model['name']} ({model['architecture']}, task {model['task']}, version "
+             f"{model.get('created_at') or '-'}, sha256 {model['sha256'][:16]}...)", fontsize=7.5, color="#444")
+    gate_line = ("Input check: " + (f"REFUSED - {result.get('refusal')}" if result.get("status") == "refused" else
+                 "passed (" + str((result.get("input_gate") or {}).get("source", "-")) + ")"))
+    fig.text(0.06, 0.912, gate_line, fontsize=8, color="#8a1c1c" if result.get("status") == "refused" else "#225522",
+             wrap=True)
+    panels = [("Image", image_u8)] + overlays[:3]
+    width = 0.88 / len(panels)
+    for i, (title, img) in enumerate(panels):
+        ax = fig.add_axes((0.06 + i * width, 0.52, width - 0.01, 0.37))
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    rows = result["results"][:16]
+    table_ax = fig.add_axes((0.06, 0.17, 0.88, 0.33))
+    table_ax.axis("off")
+    if rows:
+        cells = [[r["finding"], f"{r['probability']:.3f}", _threshold_cell(r), "POSITIVE" if r["positive"] else "-",
+                  r["confidence"]] for r in rows]
+        table = table_ax.table(cellText=cells, colLabels=["Finding", "Probability", "Threshold", "Call", "Confidence"],
+                               loc="upper center", cellLoc="left", colWidths=[0.26, 0.13, 0.31, 0.13, 0.17])
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        for (row, _), cell in table.get_celld().items():
+            if row > 0 and rows[row - 1]["positive"]:
+                cell.set_facecolor("#fde8e4")
+    lines = [_ctr_line(result)] if result.get("status") != "refused" else []
     if model.get("limitations"):
         lines.append(f"Limitations: {model['limitations']}")
-    fig.text(0.06, 0.19, "\n".join(lines), fontsize=8, va="top", wrap=True)
-    fig.text(0.06, 0.06, DISCLAIMER, fontsize=9, weight="bold", color="#8a1c1c", wrap=True)
+    fig.text(0.06, 0.15, "\n".join(lines), fontsize=8, va="top", wrap=True)
+    fig.text(0.06, 0.05, DISCLAIMER, fontsize=9, weight="bold", color="#8a1c1c", wrap=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="pdf", metadata={"Title": "MedAI CXR analysis report", "Creator": "MedAI CXR"})
     return buf.getvalue()

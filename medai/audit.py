@@ -13,6 +13,7 @@ class AuditAction(StrEnum):
     LOGOUT = "logout"
     ACCESS_DENIED = "access_denied"
     ANALYSIS = "analysis"
+    THRESHOLDS_CHANGED = "thresholds_changed"  # the reader re-decided an analysis at their own thresholds
     USER_CREATED = "user_created"
     ROLE_CHANGED = "role_changed"
     USER_DISABLED = "user_disabled"

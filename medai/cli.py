@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medai import cli_users
+from medai import cli_trust, cli_users
 from medai.errors import MedaiError
 
 log = logging.getLogger("medai")
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list architectures and shipped checkpoints")
     cli_users.add_parser(sub)
+    cli_trust.add_parser(sub)
 
     sv = sub.add_parser("serve", help="run the HTTP API (FastAPI + uvicorn)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -210,6 +211,9 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Through the same door as the Analyze page and the API (``medai.analysis``): input gate, prediction,
+    decision at the model's operating points."""
+    from medai.analysis import analyze_path, flat_result
     from medai.inference import Predictor
 
     predictor = Predictor(args.checkpoint)
@@ -217,7 +221,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = []
     for path in args.images:
         try:
-            results.append({"file": path, **predictor.predict(path).to_dict()})
+            analysis, _ = analyze_path(predictor, path)
+            results.append(flat_result(analysis, predictor.ckpt.card))
         except MedaiError as exc:
             failures += 1
             results.append({"file": path, "error": str(exc)})
@@ -228,17 +233,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             if "error" in r:
                 continue
+            if r["status"] == "refused":
+                print(f"{r['file']}: {r['refusal']}")
+                continue
             print(f"{r['file']}: findings: {', '.join(r['findings']) or 'none above threshold'}")
             for lab, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]):
-                print(f"  {lab:<20} {p:.4f}  (threshold {r['thresholds'][lab]:.3f})")
+                t = r["operating_points"].get(lab)
+                print(f"  {lab:<20} {p:.4f}  " + (f"(threshold {t:.3f})" if t is not None else "(no finding)"))
     return 2 if failures else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     import re
 
+    import numpy as np
+
+    from medai.gate import refusal_message
+
+    from medai.analysis import analyze_path, flat_result
     from medai.atomic import atomic_open, write_json
-    from medai.explain.explainer import explain
+    from medai.explain.anatomy import mask_at
     from medai.explain.overlay import render_overlay, to_png
     from medai.inference import Predictor
 
@@ -248,19 +262,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.images:
         try:
-            image = predictor.decode(path)
-            result = explain(predictor, image, findings, args.method)
+            analysis, result = analyze_path(predictor, path, findings, args.method)
         except MedaiError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
             continue
         stem = Path(path).stem
-        report = {"file": path, **result.to_dict(), "overlays": {}}
+        if result is None:  # refused by the input gate: nothing to explain
+            write_json(out / f"{stem}_explanation.json", flat_result(analysis, predictor.ckpt.card))
+            print(f"{path}: {refusal_message(analysis.verdict)}")
+            continue
+        image = analysis.image
+        report = {**flat_result(analysis, predictor.ckpt.card, result.to_dict()), "overlays": {}, "masks": {}}
         for label, heat in result.heatmaps.items():
             name = f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}_{result.method}.png"
             with atomic_open(out / name, "wb") as fh:
                 fh.write(to_png(render_overlay(image.pixels, heat, args.opacity, result.anatomy)))
             report["overlays"][label] = name
+        if result.anatomy.applicable:  # lung and heart masks, 0/255 at the image's size
+            lungs = result.anatomy.right_lung | result.anatomy.left_lung
+            for part, mask in (("lungs", lungs), ("heart", result.anatomy.heart)):
+                name = f"{stem}_{part}_mask.png"
+                with atomic_open(out / name, "wb") as fh:
+                    fh.write(to_png(mask_at(mask, image.pixels.shape).astype(np.uint8) * 255))
+                report["masks"][part] = name
         write_json(out / f"{stem}_explanation.json", report)
         ctr = result.ctr.get("ctr")
         print(f"{path}: {', '.join(result.heatmaps)} ({result.method}); CTR {ctr if ctr is not None else '-'}"
@@ -384,7 +409,8 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "models": cmd_models, "users": cli_users.run, "tokens": cli_users.run_tokens, "serve": cmd_serve,
-            "ship": cmd_ship, "attach-baseline": cmd_attach_baseline, "backup": cmd_backup, "doctor": cmd_doctor}
+            "ship": cmd_ship, "attach-baseline": cmd_attach_baseline, "backup": cmd_backup, "doctor": cmd_doctor,
+            "anatomy": cli_trust.run, "gate": cli_trust.run_gate}
 
 
 def main(argv: list[str] | None = None) -> int:

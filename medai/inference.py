@@ -16,23 +16,41 @@ from medai.evaluation.calibration import probs_from_logits
 from medai.models.checkpoint import LoadedCheckpoint, load_checkpoint
 
 
+# A multiclass model's class that means "nothing found": never a finding, never given a threshold. A
+# two-class softmax model (NORMAL vs PNEUMONIA) thus makes one decision.
+NEGATIVE_LABELS = {"normal", "no finding", "no_finding", "notumor", "no tumor", "no_tumor", "negative", "healthy"}
+
+
+def negative_label(card: dict[str, Any]) -> str | None:
+    """The card's ``negative_label``, else a multiclass label that names the absence of findings."""
+    if card.get("negative_label"):
+        return str(card["negative_label"])
+    if card.get("task", {}).get("kind") != "multiclass":
+        return None
+    return next((lab for lab in card["labels"] if lab.strip().lower() in NEGATIVE_LABELS), None)
+
+
+def findings_at(labels: list[str], probabilities: list[float], thresholds: dict[str, float]) -> list[str]:
+    """Labels with a threshold whose probability reaches it, most probable first."""
+    hits = [(p, lab) for lab, p in zip(labels, probabilities) if lab in thresholds and p >= thresholds[lab]]
+    return [lab for _, lab in sorted(hits, reverse=True)]
+
+
 @dataclass
 class Prediction:
     labels: list[str]
     probabilities: list[float]
-    thresholds: list[float]
+    thresholds: dict[str, float]  # the findings' operating points (a negative class has none)
     meta: dict[str, Any]
 
     @property
     def findings(self) -> list[str]:
         """Labels at or above their operating threshold, most probable first."""
-        hits = [(p, lab) for lab, p, t in zip(self.labels, self.probabilities, self.thresholds) if p >= t]
-        return [lab for _, lab in sorted(hits, reverse=True)]
+        return findings_at(self.labels, self.probabilities, self.thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"probabilities": dict(zip(self.labels, self.probabilities)),
-                "thresholds": dict(zip(self.labels, self.thresholds)), "findings": self.findings,
-                "image": self.meta}
+                "thresholds": dict(self.thresholds), "findings": self.findings, "image": self.meta}
 
 
 class Predictor:
@@ -48,7 +66,9 @@ class Predictor:
         self.kind: str = card["task"]["kind"]
         self.spec = PreprocessSpec.from_dict(card["preprocessing"])
         self.temperature = float(card.get("temperature", 1.0))
-        self.thresholds = [float(card.get("thresholds", {}).get(lab, 0.5)) for lab in self.labels]
+        self.negative = negative_label(card)
+        self.thresholds = {lab: float(card.get("thresholds", {}).get(lab, 0.5)) for lab in self.labels
+                           if lab != self.negative}
         self.limits = limits
 
     def decode(self, source: str | os.PathLike | bytes, name: str | None = None) -> DecodedImage:

@@ -293,6 +293,12 @@ class Store:
                  json.dumps(result), pixels))
             return int(cur.lastrowid)
 
+    def update_history_result(self, entry_id: int, findings: list[str], result: dict[str, Any]) -> None:
+        """Re-decided by the reader (thresholds) or completed (explanation): the stored result follows."""
+        with self.connect() as conn:
+            conn.execute("UPDATE history SET findings = ?, result = ? WHERE id = ?",
+                         (json.dumps(findings), json.dumps(result), entry_id))
+
     def history(self, username: str | None = None, model: str | None = None, finding: str | None = None,
                 since: float | None = None, limit: int = 500) -> list[HistoryEntry]:
         """Newest first. ``model`` and ``finding`` match any part of the name, ignoring case ("densenet"

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medai.analysis import (analyze_and_explain, analyze_bytes, chest_check, confidence_band, decide, report_pdf,
-                            result_dict, window)
-from medai.explain.anatomy import segment_chest
+from medai.analysis import analyze_and_explain, analyze_bytes, confidence_band, decide, report_pdf, result_dict, window
 from medai.inference import Predictor
 from medai.models import create_model
 from medai.models.checkpoint import load_checkpoint, new_card, save_checkpoint
@@ -50,33 +48,34 @@ def test_dicom_result_has_no_patient_tags_and_report_is_one_pdf_page(chest_predi
     data = path.read_bytes()
     analysis = analyze_bytes(chest_predictor, "demo", data, path.name)
     assert analysis.image.meta.source_format == "dicom" and analysis.image.meta.view == "PA"
-    thresholds = {"NORMAL": 0.5, "PNEUMONIA": 0.5}
+    thresholds = {"PNEUMONIA": 0.42}  # the reader moved the one decision
     result = result_dict(analysis, thresholds, chest_predictor.ckpt.card)
     text = json.dumps(result)
     assert "16d7f894" not in text  # PatientID / PatientName of this file
     assert result["image_sha256"] == __import__("hashlib").sha256(data).hexdigest()
-    assert len(result["results"]) == 2 and result["findings"] == [r["finding"] for r in result["results"]
-                                                                   if r["positive"]]
+    assert [r["finding"] for r in result["results"]] == ["PNEUMONIA"]  # NORMAL is never a finding
+    assert result["findings"] == [r["finding"] for r in result["results"] if r["positive"]]
+    assert result["thresholds"] == {"PNEUMONIA": {"value": 0.42, "model": 0.5, "source": "reader"}}
+    assert result["status"] == "analysed" and result["input_gate"]["accepted"]
     shown = window(analysis.image.pixels, 0.5, 1.0)
     overlay = np.stack([shown] * 3, axis=-1)
-    pdf = report_pdf(result, shown, overlay, "gradcam heatmap for PNEUMONIA")
+    pdf = report_pdf(result, shown, [("gradcam heatmap for PNEUMONIA", overlay)], reader="rad1")
     assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
     assert len(re.findall(rb"/Type\s*/Page\b", pdf)) == 1
     assert b"MedAI CXR analysis report" in pdf
 
 
-def test_chest_model_warns_on_a_brain_mri_but_not_on_a_chest_film(chest_predictor: Predictor):
-    mri = sorted(need("brain-tumor-mri/glioma").glob("*.jpg"))[:20]
-    chest = need("dicom/siim_cxr_pa_mono2.dcm")
-    image = chest_predictor.decode(chest)
-    anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
-    assert anatomy.applicable and chest_check(chest_predictor, True, "") is None
-    warned = 0
-    for path in mri:
-        pixels = chest_predictor.decode(path).pixels
-        a = segment_chest(pixels)
-        warned += chest_check(chest_predictor, a.applicable, a.reason) is not None
-    assert warned >= 0.7 * len(mri)  # the anatomy gate refuses most MRI slices (measured: 76% overall)
+def test_a_two_class_model_makes_one_decision_and_marks_the_readers_threshold(chest_predictor: Predictor):
+    """Was: NORMAL had its own slider, so NORMAL and PNEUMONIA could both be 'positive'."""
+    assert chest_predictor.negative == "NORMAL" and list(chest_predictor.thresholds) == ["PNEUMONIA"]
+    rows = decide(["NORMAL", "PNEUMONIA"], [0.7, 0.3], {"PNEUMONIA": 0.25}, {"PNEUMONIA": 0.5})
+    assert [(r["finding"], r["positive"], r["threshold_source"], r["model_threshold"]) for r in rows] == [
+        ("PNEUMONIA", True, "reader", 0.5)]
+    assert decide(["NORMAL", "PNEUMONIA"], [0.7, 0.3], {"PNEUMONIA": 0.5})[0]["threshold_source"] == "model"
+    brain = {"task": {"kind": "multiclass"}, "labels": ["glioma", "meningioma", "notumor", "pituitary"]}
+    from medai.inference import negative_label
+
+    assert negative_label(brain) == "notumor" and negative_label({**brain, "task": {"kind": "multilabel"}}) is None
 
 
 def test_one_pass_analysis_explains_the_finding_a_callers_thresholds_pick(chest_predictor: Predictor):
@@ -88,7 +87,7 @@ def test_one_pass_analysis_explains_the_finding_a_callers_thresholds_pick(chest_
 
     def pick(probabilities: list[float]) -> list[str]:
         seen.append(list(probabilities))
-        return [decide(["NORMAL", "PNEUMONIA"], probabilities, {"NORMAL": 1.0, "PNEUMONIA": 0.0})[0]["finding"]]
+        return [decide(["NORMAL", "PNEUMONIA"], probabilities, {"PNEUMONIA": 0.0})[0]["finding"]]
     analysis, exp = analyze_and_explain(chest_predictor, "demo", data, path.name, pick)
     assert list(exp.heatmaps) == ["PNEUMONIA"]  # positive only at its threshold of 0
     assert seen == [analysis.prediction.probabilities] and len(seen[0]) == 2

@@ -133,7 +133,8 @@ def test_png_and_dicom_analyse_like_the_cli_predict(client, token):
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
-        assert body["thresholds"] == pytest.approx(expected["thresholds"])
+        assert body["operating_points"] == pytest.approx(expected["operating_points"])
+        assert body["thresholds"] == expected["thresholds"] and body["status"] == "analysed"
         assert body["findings"] == expected["findings"]
         exp = body["explanation"]
         assert exp["anatomy"]["applicable"]  # frontal chest X-rays: lungs and heart found

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from medai import __version__, auth
-from medai.analysis import analyze_and_explain, analyze_bytes, chest_check, result_dict
+from medai.analysis import analyze_and_explain, analyze_bytes, flat_result
 from medai.api.errors import ApiError, medai_error
 from medai.api.guard import CHALLENGE, Caller
 from medai.catalog import ModelEntry, default_index
@@ -52,22 +52,17 @@ def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name:
     explanation, warnings, images = None, [], {}
     if opts.explain or opts.heatmaps:  # one forward pass serves the prediction and the heatmaps
         analysis, exp = analyze_and_explain(predictor, entry.name, data, file_name, opts.findings, opts.method)
-        explanation = exp.to_dict()
-        warnings = [w for w in [chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)] if w]
-        warnings += [f"{label}: {text}" for label, text in exp.warnings.items()]
-        if opts.heatmaps:
+        explanation = exp.to_dict() if exp else None
+        warnings = [f"{label}: {text}" for label, text in exp.warnings.items()] if exp else []
+        if opts.heatmaps and exp:
             pixels = analysis.image.pixels
             images = {label: {"heatmap_png": _b64png((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)),
                               "overlay_png": _b64png(render_overlay(pixels, heat, opts.opacity, exp.anatomy))}
                       for label, heat in exp.heatmaps.items()}
     else:
         analysis = analyze_bytes(predictor, entry.name, data, file_name)
-    thresholds = dict(zip(predictor.labels, predictor.thresholds))
-    result = result_dict(analysis, thresholds, entry.card, explanation)
-    result["probabilities"] = dict(zip(analysis.labels, analysis.prediction.probabilities))
-    result["thresholds"] = thresholds
-    result["warnings"] = warnings
-    if opts.heatmaps:
+    result = flat_result(analysis, entry.card, explanation, warnings)
+    if opts.heatmaps and not analysis.refused:
         result["heatmaps"] = images
     return result
 

@@ -35,8 +35,6 @@ from scipy import ndimage as ndi
 from medai.data.transforms import resize_float
 
 WORK_SIZE = 256
-NON_RADIOGRAPH_MODALITIES = {"MR", "CT", "US", "NM", "PT"}  # not SC/OT: digitised films use them
-CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "HEART"}
 CTR_REFERENCE_PA = 0.5
 # Rows (as fractions of the lung span, apex = 0) searched for the widest cardiac gap. The lung bases
 # are left out: the medial edges diverge there (cardiophrenic angles), inflating normal hearts. The
@@ -80,10 +78,12 @@ class ChestAnatomy:
     ctr_detail: dict = field(default_factory=dict)
 
     def regions(self) -> dict[str, np.ndarray]:
-        """Disjoint boolean masks at WORK_SIZE covering the whole image."""
+        """Disjoint boolean masks at WORK_SIZE covering the whole image (where a learned heart mask
+        overlaps a lung at its border, the pixel counts as lung)."""
         assert self.applicable
         lungs_heart = self.right_lung | self.left_lung | self.heart
-        return {"right_lung": self.right_lung, "left_lung": self.left_lung, "heart": self.heart,
+        heart = self.heart & ~(self.right_lung | self.left_lung)
+        return {"right_lung": self.right_lung, "left_lung": self.left_lung, "heart": heart,
                 "rest_of_body": self.body & ~lungs_heart, "outside_body": ~self.body & ~lungs_heart}
 
 
@@ -267,19 +267,32 @@ def _between_lungs(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def segment_chest(pixels: np.ndarray, body_part: str | None = None, view: str | None = None,
-                  modality: str | None = None) -> ChestAnatomy:
-    """Lung fields, heart, mediastinum and body of a frontal chest X-ray (masks at WORK_SIZE)."""
-    if modality and modality.upper() in NON_RADIOGRAPH_MODALITIES:
-        return ChestAnatomy(False, f"anatomy maps apply to chest radiographs; this image is {modality}")
-    if body_part and body_part.upper() not in CHEST_BODY_PARTS:
-        return ChestAnatomy(False, f"anatomy maps apply to chest X-rays; this image is labelled {body_part}")
-    if view and view.upper() in {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}:
-        return ChestAnatomy(False, f"anatomy maps apply to frontal views; this image is a {view} view")
+                  modality: str | None = None, method: str = "auto") -> ChestAnatomy:
+    """Lung fields, heart, mediastinum and body of a frontal chest X-ray (masks at WORK_SIZE). ``method``:
+    ``learned`` (the shipped segmenter, ``segmentation.py``), ``classical`` (below), or ``auto``: learned
+    when its weights are installed."""
+    from medai.gate import tag_reason
+
+    why = tag_reason("chest_xray", modality, body_part, view)
+    if why:
+        return ChestAnatomy(False, f"anatomy maps apply to frontal chest radiographs; {why}")
     x = _prepare(pixels)
     frame = dark_frame_share(x)
     if frame >= MAX_DARK_FRAME:
         return ChestAnatomy(False, f"the image is surrounded by dark background ({frame:.0%} of its border), like "
                             "a cross-sectional slice (MRI/CT), not a chest X-ray, so no anatomy map is given")
+    if method != "classical":
+        from medai.explain import segmentation
+
+        learned = segmentation.segmenter()
+        if learned is not None:
+            return segmentation.to_anatomy(learned.segment(pixels), x)
+        if method == "learned":
+            raise FileNotFoundError(f"no learned segmenter at {segmentation.default_path()}")
+    return _classical(x)
+
+
+def _classical(x: np.ndarray) -> ChestAnatomy:
     base = _central_threshold(x)
     reason = "lung fields not found"
     for drop_border in (True, False):
@@ -333,13 +346,18 @@ def shortcut_warning(shares: dict[str, float], threshold: float = 0.5) -> str | 
 
 
 def ctr_summary(anatomy: ChestAnatomy, view: str | None) -> dict:
+    """The CTR with what qualifies it. ``reliable`` is False when the segmentation's confidence is low:
+    the number is kept (with its caveat) but is not to be shown or filed as a measurement."""
     if not anatomy.applicable or anatomy.ctr is None:
-        return {"ctr": None, "note": anatomy.reason or "cardiac borders not found"}
+        return {"ctr": None, "reliable": False, "note": anatomy.reason or "cardiac borders not found"}
     note = f"reference: CTR > {CTR_REFERENCE_PA} suggests cardiomegaly on a PA film"
     if view and view.upper() == "AP":
         note += "; this is an AP view, which magnifies the heart, so the CTR overestimates its size"
+    reliable = anatomy.ctr_detail.get("confidence") != "low"
+    caveat = "" if reliable else ("segmentation confidence is low (" + (", ".join(anatomy.ctr_detail.get("problems") or [])
+                                  or "uncertain lung or heart borders") + "): not a reliable measurement")
     return {"ctr": round(float(anatomy.ctr), 3), "enlarged": bool(anatomy.ctr > CTR_REFERENCE_PA),
-            "note": note, **anatomy.ctr_detail}
+            "reliable": reliable, "caveat": caveat, "note": note, **anatomy.ctr_detail}
 
 
 def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

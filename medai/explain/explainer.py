@@ -16,7 +16,7 @@ from medai.evaluation.calibration import probs_from_logits
 from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
                                    shortcut_warning)
 from medai.explain.cam import ExplainError, compute_cams, default_method, resize_heatmap
-from medai.inference import Predictor
+from medai.inference import Predictor, findings_at
 
 
 class Heatmaps(Mapping[str, np.ndarray]):
@@ -48,7 +48,7 @@ class Heatmaps(Mapping[str, np.ndarray]):
 class Explanation:
     labels: list[str]
     probabilities: list[float]
-    thresholds: list[float]
+    thresholds: dict[str, float]
     method: str
     heatmaps: Heatmaps  # label -> H x W in [0, 1], original resolution, resized on first access
     anatomy: ChestAnatomy
@@ -61,7 +61,7 @@ class Explanation:
         return {
             "method": self.method,
             "probabilities": dict(zip(self.labels, self.probabilities)),
-            "thresholds": dict(zip(self.labels, self.thresholds)),
+            "thresholds": dict(self.thresholds),
             "explained": list(self.heatmaps),
             "anatomy": {"applicable": self.anatomy.applicable, "reason": self.anatomy.reason,
                         "confidence": self.anatomy.ctr_detail.get("confidence")},
@@ -82,8 +82,9 @@ def select_findings(predictor: Predictor, probabilities: list[float], findings: 
     if findings == "all":
         return list(range(len(labels)))
     if findings == "positive":
-        hits = [i for i, (p, t) in enumerate(zip(probabilities, predictor.thresholds)) if p >= t]
-        return hits or [int(np.argmax(probabilities))]
+        hits = [labels.index(lab) for lab in findings_at(labels, probabilities, predictor.thresholds)]
+        candidates = [i for i, lab in enumerate(labels) if lab in predictor.thresholds] or list(range(len(labels)))
+        return hits or [max(candidates, key=lambda i: probabilities[i])]
     unknown = [f for f in findings if f not in labels]
     if unknown:
         raise ExplainError(f"unknown findings {unknown}; this model knows {labels}")

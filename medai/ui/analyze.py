@@ -12,8 +12,8 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, chest_check, decide,
-                            report_pdf, result_dict, window)
+from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, decide, report_pdf,
+                            result_dict, window)
 from medai.catalog import ModelEntry, default_index
 from medai.data.transforms import resize_float
 from medai.errors import MedaiError
@@ -27,8 +27,24 @@ from medai.ui.widgets import (available_models, cached_predictor, model_label, p
 
 
 
-def _pick_model(entries: list[ModelEntry]) -> ModelEntry:
-    return st.sidebar.selectbox("Model", entries, index=default_index(entries), format_func=model_label, key="analyze_model")
+TASK_TITLES = {"chest": "Chest X-ray", "brain": "Brain MRI"}
+UPLOAD_TITLES = {"Chest X-ray": "Chest X-rays", "Brain MRI": "Brain MRI slices"}
+
+
+def _task_of(entry: ModelEntry) -> str:
+    task = entry.card["task"]
+    return TASK_TITLES.get(str(task.get("body_part") or "").lower(), task.get("name") or task["kind"])
+
+
+def _pick_model(entries: list[ModelEntry]) -> tuple[str, ModelEntry]:
+    """Task first, then a model of that task: a brain MRI model is never offered for chest films."""
+    tasks = list(dict.fromkeys(_task_of(e) for e in entries))
+    task = _task_of(entries[default_index(entries)])
+    if len(tasks) > 1:
+        task = st.sidebar.selectbox("Task", tasks, index=tasks.index(task), key="analyze_task")
+    group = [e for e in entries if _task_of(e) == task]
+    return task, st.sidebar.selectbox("Model", group, index=default_index(group), format_func=model_label,
+                                      key=f"analyze_model_{task}")
 
 
 EXPENSIVE_METHODS = {"scorecam": "Score-CAM runs the model once per feature map of its target layer (hundreds to "
@@ -71,11 +87,12 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
                     method = _heatmap_method(predictor, hashlib.sha256(data).hexdigest())
                     analysis, exp = analyze_and_explain(predictor, entry.name, data, upload.name,
                                                         _first_heatmap(predictor.labels, thresholds), method)
-                    _explanations()[_explanation_key(predictor, analysis, next(iter(exp.heatmaps)), method)] = exp
+                    if exp is not None:
+                        _explanations()[_explanation_key(predictor, analysis, next(iter(exp.heatmaps)), method)] = exp
                 else:
                     analysis = analyze_bytes(predictor, entry.name, data, upload.name)
                 cache[key] = analysis
-                _record(user, analysis, predictor)
+                _record(user, analysis, predictor, thresholds)
             except MedaiError as exc:
                 cache[key] = str(exc)
         if isinstance(cache[key], str):
@@ -85,39 +102,75 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
     return out
 
 
-def _record(user: User, analysis: Analysis, predictor: Predictor) -> None:
-    """History row and audit entry: hashes, model and findings; pixels only if the admin allows it."""
+def _record(user: User, analysis: Analysis, predictor: Predictor, thresholds: dict[str, float]) -> None:
+    """History row and audit entry at the thresholds the reader sees: hashes, model and findings (or the
+    refusal); pixels only if the admin allows it."""
     db = Store()
     pixels = None
     if db.get_setting("store_pixels"):
         buf = io.BytesIO()
         Image.fromarray((analysis.image.pixels * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
         pixels = buf.getvalue()
-    result = result_dict(analysis, dict(zip(predictor.labels, predictor.thresholds)), predictor.ckpt.card)
-    db.add_history(user.username, analysis.model_name, analysis.model_sha256, analysis.file_name,
-                   analysis.image_sha256, result["findings"], result, pixels)
+    result = result_dict(analysis, thresholds, predictor.ckpt.card)
+    entry_id = db.add_history(user.username, analysis.model_name, analysis.model_sha256, analysis.file_name,
+                              analysis.image_sha256, result["findings"], result, pixels)
+    _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result))
     db.audit(user.username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
-             findings=result["findings"])
+             findings=result["findings"], status=result["status"])
+
+
+def _history_ids() -> dict[tuple, tuple[int, str]]:
+    return st.session_state.setdefault("history_ids", {})
+
+
+def _analysis_key(analysis: Analysis) -> tuple:
+    return analysis.model_sha256, analysis.image_sha256, analysis.file_name
+
+
+def _signature(result: dict[str, Any]) -> str:
+    explained = bool(result.get("explanation"))
+    return json.dumps([result["findings"], result["thresholds"], explained], sort_keys=True)
+
+
+def _sync_history(user: User, analysis: Analysis, result: dict[str, Any]) -> None:
+    """What the reader sees is what History keeps: a changed threshold re-decides the stored entry (and
+    the first heatmap view adds the explanation summary: CTR with its caveat, attention shares)."""
+    known = _history_ids().get(_analysis_key(analysis))
+    if known is None or known[1] == _signature(result):
+        return
+    db = Store()
+    db.update_history_result(known[0], result["findings"], result)
+    _history_ids()[_analysis_key(analysis)] = (known[0], _signature(result))
+    changed = {k: v for k, v in result["thresholds"].items() if v["source"] == "reader"}
+    if changed:
+        db.audit(user.username, "thresholds_changed", history_id=known[0], image_sha256=analysis.image_sha256,
+                 thresholds={k: v["value"] for k, v in changed.items()}, findings=result["findings"])
 
 
 def _thresholds(predictor: Predictor) -> dict[str, float]:
-    """Per-finding thresholds, starting at the model's operating points; sliders re-decide live."""
-    defaults = dict(zip(predictor.labels, predictor.thresholds))
+    """Per-finding thresholds (a negative class such as NORMAL has none), starting at the model's operating
+    points; sliders re-decide live, and a changed one says so with the model's value beside it."""
+    defaults = dict(predictor.thresholds)
     with st.sidebar.expander("Decision thresholds", icon=":material/tune:"):
         if st.button("Reset to the model's operating points"):
             for label in defaults:
                 st.session_state.pop(f"thr_{predictor.ckpt.sha256}_{label}", None)
-        return {label: st.slider(label, 0.0, 1.0, value=float(defaults[label]), step=0.01,
-                                 key=f"thr_{predictor.ckpt.sha256}_{label}") for label in defaults}
+        out = {}
+        for label, model_value in defaults.items():
+            key = f"thr_{predictor.ckpt.sha256}_{label}"
+            changed = key in st.session_state and abs(st.session_state[key] - model_value) > 1e-9
+            out[label] = st.slider(f"{label} (changed; model: {model_value:.2f})" if changed else label, 0.0, 1.0,
+                                   value=float(model_value), step=0.01, key=key)
+        return out
 
 
 def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
     if len(analyses) == 1:
         return analyses[0]
-    rows = [{"file": a.file_name, "findings": ", ".join(r["finding"] for r in
-                                                        decide(a.labels, a.prediction.probabilities, thresholds)
-                                                        if r["positive"]) or "none",
-             "top probability": max(a.prediction.probabilities)} for a in analyses]
+    rows = [{"file": a.file_name, "findings": f"REFUSED: {a.verdict.reason}" if a.refused else
+             ", ".join(r["finding"] for r in decide(a.labels, a.prediction.probabilities, thresholds)
+                       if r["positive"]) or "none",
+             "top probability": None if a.refused else max(a.prediction.probabilities)} for a in analyses]
     st.subheader(f"{len(analyses)} images")
     # keyed by the upload set: a selection made in another set (files since removed) is never reused
     upload_set = hashlib.sha256("|".join(f"{a.image_sha256}:{a.file_name}" for a in analyses).encode()).hexdigest()
@@ -149,8 +202,9 @@ def _findings_panel(rows: list[dict]) -> None:
     positives = [r for r in rows if r["positive"]]
     if positives:
         for r in positives:
-            st.markdown(f"**{r['finding']}**: {r['probability']:.2f} ({r['confidence']}; threshold "
-                        f"{r['threshold']:.2f})")
+            own = f", yours; model {r['model_threshold']:.2f}" if r["threshold_source"] == "reader" else ""
+        st.markdown(f"**{r['finding']}**: {r['probability']:.2f} ({r['confidence']}; threshold "
+                    f"{r['threshold']:.2f}{own})")
     else:
         st.markdown("No finding above its threshold.")
     st.plotly_chart(probability_chart(rows), key="prob_chart")
@@ -213,10 +267,7 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
     return exp, overlay, lambda: render_overlay(pixels, exp.heatmaps[finding], opacity, anatomy)
 
 
-def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None:
-    warning = chest_check(predictor, exp.anatomy.applicable, exp.anatomy.reason)
-    if warning:
-        st.warning(plain(warning), icon=":material/warning:")
+def _anatomy_panel(exp: Explanation, finding: str) -> None:
     if not exp.anatomy.applicable:
         st.info(f"No anatomy map: {plain(exp.anatomy.reason)}")  # may quote DICOM tags
         return
@@ -229,22 +280,49 @@ def _anatomy_panel(predictor: Predictor, exp: Explanation, finding: str) -> None
     if finding in exp.warnings:
         st.warning(exp.warnings[finding], icon=":material/report:")
     ctr = exp.ctr
-    if ctr.get("ctr") is not None:
-        conf = ctr.get("confidence", "normal")
+    if ctr.get("ctr") is not None and ctr.get("reliable"):
         st.metric("Cardiothoracic ratio (estimate)", f"{ctr['ctr']:.2f}",
                   delta="above 0.5" if ctr.get("enlarged") else "0.5 or below", delta_color="off")
-        st.caption(f"{ctr['note']}. Segmentation confidence: {conf}.")
+        st.caption(f"{ctr['note']}. Segmentation: {ctr.get('method', 'classical')}, confidence normal.")
+    elif ctr.get("ctr") is not None:  # no headline: the number only with its caveat
+        st.caption(f"Cardiothoracic ratio not reported: {ctr['caveat']} (estimate {ctr['ctr']:.2f}).")
 
 
-def _downloads(result: dict[str, Any], shown: np.ndarray, overlay: np.ndarray,
-               full_overlay: Callable[[], np.ndarray], title: str, stem: str) -> None:
+def _positive_overlays(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray,
+                       method: str) -> list[tuple[str, np.ndarray]]:
+    """The report's heatmaps: the positive findings only (at most three), whichever one is on screen."""
+    out = []
+    for r in [r for r in rows if r["positive"]][:3]:
+        exp = _explanation(predictor, analysis, r["finding"], method)
+        out.append((f"{method} heatmap for {r['finding']}",
+                    render_overlay(display, exp.heatmaps.at(r["finding"], display.shape),
+                                   st.session_state.get("heat_opacity", 0.45), exp.anatomy)))
+    return out
+
+
+def _downloads(result: dict[str, Any], shown: np.ndarray, report_overlays: Callable[[], list],
+               full_overlay: Callable[[], np.ndarray], reader: str, stem: str) -> None:
     c1, c2, c3 = st.columns(3)
     c1.download_button("Overlay PNG", lambda: to_png(full_overlay()), f"{stem}_overlay.png", "image/png",
                        on_click="ignore", icon=":material/image:")
     c2.download_button("Result JSON", json.dumps(result, indent=2), f"{stem}_result.json", "application/json",
                        on_click="ignore", icon=":material/data_object:")
-    c3.download_button("PDF report", lambda: report_pdf(result, shown, overlay, title), f"{stem}_report.pdf",
+    c3.download_button("PDF report", lambda: report_pdf(result, shown, report_overlays(), reader), f"{stem}_report.pdf",
                        "application/pdf", on_click="ignore", icon=":material/picture_as_pdf:")
+
+
+def _refused_view(user: User, analysis: Analysis, predictor: Predictor, thresholds: dict[str, float]) -> None:
+    """An image the model cannot read: the reason first and large, the image, and no probability at all."""
+    from medai.gate import refusal_message
+
+    st.subheader(plain(analysis.file_name))
+    st.error(plain(refusal_message(analysis.verdict)), icon=":material/block:")
+    left, _ = st.columns(2)
+    with left:
+        _image_panel(analysis, resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape)))
+    result = result_dict(analysis, thresholds, predictor.ckpt.card)
+    st.download_button("Result JSON", json.dumps(result, indent=2), f"{analysis.file_name.rsplit('.', 1)[0]}_result.json",
+                       "application/json", on_click="ignore", icon=":material/data_object:")
 
 
 def render_analyze(user: User) -> None:
@@ -254,16 +332,23 @@ def render_analyze(user: User) -> None:
                                "`python -m medai train`.")
     if not entries:
         return
-    entry = _pick_model(entries)
+    task, entry = _pick_model(entries)
     predictor = cached_predictor(entry)
     thresholds = _thresholds(predictor)
-    uploads = st.file_uploader("Chest X-rays (PNG, JPEG or DICOM)", accept_multiple_files=True, key="uploads",
-                               help="The type is read from the file's content; DICOM files need no extension.")
+    uploads = st.file_uploader(f"{UPLOAD_TITLES.get(task, task)} (PNG, JPEG or DICOM)", accept_multiple_files=True,
+                               key="uploads", help="The type is read from the file's content; DICOM files need no "
+                               "extension. Images this model cannot read are refused, with the reason.")
     analyses = _analyses(user, entry, predictor, uploads or [], thresholds)
     if not analyses:
         return
     analysis = _select(analyses, thresholds)
-    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds)
+    for other in analyses:  # the batch table shows every decision at the current thresholds
+        if other is not analysis:
+            _sync_history(user, other, result_dict(other, thresholds, predictor.ckpt.card))
+    if analysis.refused:
+        _refused_view(user, analysis, predictor, thresholds)
+        return
+    rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds, predictor.thresholds)
     display = resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape))
     left, right = st.columns(2)
     with left:
@@ -280,7 +365,8 @@ def render_analyze(user: User) -> None:
     with right:
         st.subheader("Anatomy")
         finding = st.session_state["heat_finding"]
-        _anatomy_panel(predictor, exp, finding)
+        _anatomy_panel(exp, finding)
     result = result_dict(analysis, thresholds, predictor.ckpt.card, exp.to_dict())
-    _downloads(result, shown, overlay, full_overlay, f"{exp.method} heatmap for {finding}",
-               analysis.file_name.rsplit(".", 1)[0])
+    _sync_history(user, analysis, result)
+    _downloads(result, shown, lambda: _positive_overlays(predictor, analysis, rows, display, exp.method),
+               full_overlay, user.username, analysis.file_name.rsplit(".", 1)[0])

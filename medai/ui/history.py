@@ -46,6 +46,10 @@ def _image_and_heatmap(entry, pixels: bytes) -> None:
         return
     with st.spinner(f"Heatmap for {finding}..."):
         analysis, exp = analyze_and_explain(cached_predictor(model), model.name, pixels, entry.file_name, [finding])
+    if exp is None:  # the stored 8-bit image is refused by today's input gate
+        st.image(pixels, caption="stored image", width="stretch")
+        st.caption(f"No heatmap: {plain(analysis.verdict.reason)}.")
+        return
     overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], 0.45, exp.anatomy)
     st.image(overlay, caption=f"{exp.method} heatmap for {finding} (recomputed from the stored image)",
              width="stretch")
@@ -68,7 +72,8 @@ def render_history(user: User) -> None:
         st.info("No analyses match these filters.")
         return
     rows = [{"id": e.id, "time": _when(e.ts), "user": e.username, "model": e.model, "file": e.file_name,
-             "findings": ", ".join(e.findings) or "none", "image sha256": e.image_sha256[:12]} for e in entries]
+             "findings": "REFUSED (not analysed)" if e.result.get("status") == "refused" else
+             ", ".join(e.findings) or "none", "image sha256": e.image_sha256[:12]} for e in entries]
     event = st.dataframe(rows, hide_index=True, on_select="rerun", selection_mode="single-row", key="history_table")
     chosen = event.selection.rows if event and event.selection else []
     ids = [e.id for e in entries]
@@ -78,6 +83,13 @@ def render_history(user: User) -> None:
     st.subheader(f"#{entry.id}: {plain(entry.file_name)}")
     st.caption(f"{_when(entry.ts)} by {plain(entry.username)} with {plain(entry.model)} "
                f"(model sha256 {entry.model_sha256[:12]})")
+    if entry.result.get("status") == "refused":
+        st.error(plain(entry.result.get("refusal", "Refused by the input gate.")), icon=":material/block:")
+    changed = {k: v for k, v in entry.result.get("thresholds", {}).items()
+               if isinstance(v, dict) and v.get("source") == "reader"}
+    if changed:
+        st.caption("Decided at the reader's thresholds: " + ", ".join(
+            f"{plain(k)} {v['value']:.2f} (model {v['model']:.2f})" for k, v in changed.items()))
     left, right = st.columns(2)
     pixels = db.history_pixels(entry.id) if entry.has_pixels else None
     if pixels:
@@ -85,6 +97,7 @@ def render_history(user: User) -> None:
             _image_and_heatmap(entry, pixels)
     else:
         left.info("Image pixels are not stored (the admin setting keeps only hashes and results).")
-    right.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")
+    if entry.result.get("results"):
+        right.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")
     st.download_button("Result JSON", json.dumps(entry.result, indent=2), f"analysis_{entry.id}.json",
                        "application/json", on_click="ignore")

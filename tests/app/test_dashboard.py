@@ -123,12 +123,14 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     at = sign_in(app().run(), "rita")
     at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
     assert not at.exception and not at.error
-    assert at.selectbox(key="analyze_model").value.name == "pneumonia-hybrid"
+    assert at.selectbox(key="analyze_model_Chest X-ray").value.name == "pneumonia-hybrid"
+    assert "brain-mri-hybrid" not in [e.name for e in at.selectbox(key="analyze_model_Chest X-ray").options]
     finding_lines = [m.value for m in at.markdown if m.value.startswith("**")]
     assert finding_lines and finding_lines[0].startswith("**PNEUMONIA**")
     captions = [c for img in at.image for c in img.captions]
     assert any("heatmap for PNEUMONIA" in c for c in captions) and any("JPEG" in c for c in captions)
-    assert any("Segmentation confidence" in c.value for c in at.caption)  # the anatomy panel's CTR
+    assert any("Segmentation: learned" in c.value or "Cardiothoracic ratio not reported" in c.value
+               for c in at.caption)  # the anatomy panel's CTR, from the learned segmentation
     # the heatmap shown is the one the upload's own forward pass made: no second explanation was computed
     (key,) = at.session_state["explanations"].keys()
     method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_")).value
@@ -147,9 +149,34 @@ def test_threshold_slider_re_decides(medai_home: Path):
     image = sorted(val.glob("*.jpeg"))[0]
     auth.create_user(Store(), "rita", PASSWORD, "radiologist")
     at = _analyze_upload(sign_in(app().run(), "rita"), image.name, image.read_bytes(), "image/jpeg")
+    assert [s.label for s in at.slider if s.key and s.key.startswith("thr_")] == ["PNEUMONIA"]  # no NORMAL
+    assert Store().history(username="rita")[0].findings == ["PNEUMONIA"]
     slider = next(s for s in at.slider if s.label == "PNEUMONIA")
     slider.set_value(1.0).run()
     assert any(m.value == "No finding above its threshold." for m in at.markdown)
+    assert any(s.label.startswith("PNEUMONIA (changed; model: ") for s in at.slider)
+    # what the reader saw is what History keeps: re-decided, the reader's threshold marked as such
+    entry = Store().history(username="rita")[0]
+    assert entry.findings == [] and entry.result["thresholds"]["PNEUMONIA"]["source"] == "reader"
+    assert entry.result["thresholds"]["PNEUMONIA"]["value"] == 1.0
+    assert entry.result["explanation"]["cardiothoracic_ratio"]  # the CTR (with its caveat) is kept too
+    changed = Store().audit_log(action="thresholds_changed")
+    assert changed and changed[0]["detail"]["thresholds"] == {"PNEUMONIA": 1.0}
+
+
+def test_a_brain_mri_on_the_chest_page_is_refused_and_history_says_so(medai_home: Path):
+    """Was: 'PNEUMONIA 0.99 (very likely)' in red for a brain MRI, stored in History as PNEUMONIA."""
+    mri = sorted(need("brain-tumor-mri/meningioma").glob("*.jpg"))[5]
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = _analyze_upload(sign_in(app().run(), "rita"), mri.name, mri.read_bytes(), "image/jpeg")
+    assert not at.exception
+    assert any(e.value.startswith("Not analysed: this model reads a frontal chest X-ray") for e in at.error)
+    assert not [m.value for m in at.markdown if m.value.startswith("**PNEUMONIA**")]
+    assert not at.get("plotly_chart") and not [i for i in at.image if any("heatmap" in c for c in i.captions)]
+    entry = Store().history(username="rita")[0]
+    assert entry.findings == [] and entry.result["status"] == "refused"
+    history = page_as("history.py", "rita")
+    assert any("Not analysed" in e.value for e in history.error)
 
 
 def test_corrupt_upload_shows_the_error(medai_home: Path):

@@ -165,6 +165,19 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
         fill_sign_in(page, user, PASSWORD)
     page.get_by_text(f"Signed in as {user}").wait_for()
     settle(page)  # the run that sets the session cookie: a click during it can be lost
+    session_cookie(page)
+
+
+def session_cookie(page, timeout_s: float = 30) -> dict:
+    """The session cookie, once the browser has it: a zero-height component writes it after the run that
+    signed in, so a reload straight after sign-in (faster than any person) could go out without it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [c for c in page.context.cookies() if c["name"] == "medai_session" and c["value"]]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, "the session cookie was never written"
+        page.wait_for_timeout(100)
 
 
 def fill_sign_in(page, user: str, password: str) -> None:
