@@ -273,7 +273,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"{path}: {refusal_message(analysis.verdict)}")
             continue
         image = analysis.image
-        report = {**flat_result(analysis, predictor.ckpt.card, result.to_dict()), "overlays": {}, "masks": {}}
+        report = {**flat_result(analysis, predictor.ckpt.card), **result.to_dict(), "overlays": {}, "masks": {}}
         for label, heat in result.heatmaps.items():
             name = f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}_{result.method}.png"
             with atomic_open(out / name, "wb") as fh:

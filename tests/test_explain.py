@@ -233,7 +233,7 @@ def test_explain_cli_writes_overlays_and_json(tmp_path: Path, trained):
     assert set(report["attention_shares"]["Effusion"]) == {"right_lung", "left_lung", "heart",
                                                             "rest_of_body", "outside_body"}
     assert report["cardiothoracic_ratio"]["ctr"] is not None
-    assert len(list(out.glob("*.png"))) == 3 and "CTR" in proc.stdout
+    assert len(list(out.glob("*_mask.png"))) == 2 and len(list(out.glob("*.png"))) == 5 and "CTR" in proc.stdout
     bad = run_cli("explain", "--checkpoint", str(ckpt), str(png), "--findings", "Fracture", "--out", str(out))
     assert bad.returncode == 2 and "unknown findings" in bad.stderr
 
