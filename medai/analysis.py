@@ -10,12 +10,13 @@ import datetime as dt
 import hashlib
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medai import gate
-from medai.data.io import DecodedImage
+from medai.data.io import DecodedImage, read_regular_file
 from medai.gate import Verdict, refusal_message
 from medai.explain.explainer import Explanation, Findings, explain
 from medai.inference import Prediction, Predictor
@@ -171,10 +172,6 @@ def analyze_path(predictor: Predictor, path: str, findings: Findings | None = No
                  ) -> tuple[Analysis, Explanation | None]:
     """``analyze_bytes`` / ``analyze_and_explain`` (when ``findings`` is given) of a file on disk, read only
     if it is a regular file within the decoder's size limit."""
-    from pathlib import Path
-
-    from medai.data.io import read_regular_file
-
     data = read_regular_file(Path(path), path, predictor.limits.max_file_bytes)
     name = Path(predictor.ckpt.path).stem
     if findings is None:

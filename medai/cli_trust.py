@@ -76,10 +76,10 @@ def run_gate(args: argparse.Namespace) -> int:
     import datetime as dt
 
     import numpy as np
-    from safetensors.numpy import save
 
     from medai import gate
-    from medai.atomic import atomic_open, write_json
+    from medai.atomic import atomic_open
+    from medai.models.checkpoint import write_tensors
     from medai.training import gate as fitting
 
     sets = [s for s in fitting.image_sets(Path(args.data)) if s.role == "fit" and s.loaders]
@@ -96,9 +96,6 @@ def run_gate(args: argparse.Namespace) -> int:
             np.savez(fh, **features)
     arrays, card = fitting.fit(features, {s.name: s.kind for s in sets})
     card["fitted_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    out = Path(args.out) if args.out else gate.gate_path()
-    with atomic_open(out, "wb") as fh:
-        fh.write(save(arrays, metadata={"card": json.dumps(card)}))
-    write_json(out.with_suffix(".json"), card)
+    out = write_tensors(Path(args.out) if args.out else gate.gate_path(), arrays, card)
     print(f"wrote {out}")
     return 0

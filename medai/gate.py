@@ -19,7 +19,6 @@ confusion table on held-out images and kinds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -106,15 +105,10 @@ class InputGate:
 
     @classmethod
     def load(cls, path: Path) -> InputGate:
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
+        from medai.models.checkpoint import read_tensors
 
-        try:
-            with safe_open(str(path), framework="np") as f:
-                card = json.loads((f.metadata() or {}).get("card", "{}"))
-            return cls({k: v.astype(np.float64) for k, v in load_file(str(path)).items()}, card)
-        except Exception as exc:  # noqa: BLE001 - one clear message for any unreadable file
-            raise CheckpointError(f"{path.name} is not a readable input-gate file ({exc})") from None
+        arrays, card = read_tensors(path, "np", "input-gate file")
+        return cls({k: v.astype(np.float64) for k, v in arrays.items()}, card)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         z = (features - self.a["feature_mean"]) / self.a["feature_scale"]
@@ -174,16 +168,13 @@ def gate_path() -> Path:
     return SHIPPED_MODELS_DIR / "gate" / GATE_FILE
 
 
-@lru_cache(maxsize=2)
-def _cached(path: str, mtime: float) -> InputGate:
-    return InputGate.load(Path(path))
-
-
 def input_gate(path: Path | None = None) -> InputGate:
     path = path or gate_path()
     if not path.is_file():
         raise CheckpointError(f"the input gate {path} is missing: reinstall, or refit it with `medai gate fit`")
-    return _cached(str(path), path.stat().st_mtime)
+    from medai.models.checkpoint import load_cached
+
+    return load_cached(InputGate.load, path)
 
 
 def check(images: list[DecodedImage], card: dict) -> list[Verdict]:

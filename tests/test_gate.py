@@ -3,7 +3,6 @@ and passes chest films from every source; a refused image gets no prediction any
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

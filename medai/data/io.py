@@ -302,46 +302,18 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
         raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
     else:
         arr, windowed = _apply_luts(arr, ds, notes)
-    arr = np.asarray(arr, dtype=np.float32)
-    units = _units(arr, ds, windowed)
-    arr = _minmax(arr)
+    arr = _minmax(np.asarray(arr, dtype=np.float32))
     if photometric == "MONOCHROME1":
         arr = 1.0 - arr
-        if units:
-            units = {**units, "low": units["high"], "high": units["low"]}
     bits = _count(ds, "BitsStored", 8, label) if "BitsStored" in ds else 8
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     meta = ImageMeta(
         source_format="dicom", width=int(arr.shape[1]), height=int(arr.shape[0]), bits=bits,
         photometric=photometric, view=_clean(ds.get("ViewPosition")), modality=_clean(ds.get("Modality")),
         body_part=_clean(ds.get("BodyPartExamined")), windowed=windowed,
-        extra={"frames": frames, "transfer_syntax": syntax, **({"warnings": notes} if notes else {}),
-               **({"units": units} if units else {})},
+        extra={"frames": frames, "transfer_syntax": syntax, **({"warnings": notes} if notes else {})},
     )
     return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
-
-
-def _units(arr: np.ndarray, ds: Any, windowed: bool) -> dict | None:
-    """The values that the decoded [0, 1] maps to (0 -> low, 1 -> high, before MONOCHROME1 inversion), in
-    the file's rescaled units: the min-max of the rescaled pixels, or for a linear window the window's
-    ramp. None for a VOI LUT or a non-linear window (no linear map back to the stored values)."""
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
-        return None
-    name = str(ds.get("RescaleType") or ("HU" if str(ds.get("Modality") or "") == "CT" else "rescaled value"))
-    if not windowed:
-        return {"low": lo, "high": hi, "name": name}
-    from pydicom.multival import MultiValue
-
-    if "VOILUTSequence" in ds or str(ds.get("VOILUTFunction") or "LINEAR").strip().upper() != "LINEAR":
-        return None
-    try:
-        center, width = (float(v[0] if isinstance(v, (MultiValue, list, tuple)) else v)
-                         for v in (ds.WindowCenter, ds.WindowWidth))
-    except (*_MALFORMED, AttributeError):
-        return None
-    start = center - 0.5 - (width - 1) / 2  # the ramp's 0 (the decoder's window is [0, 1] over this span)
-    return {"low": start + lo * (width - 1), "high": start + hi * (width - 1), "name": name}
 
 
 # What pydicom raises for a malformed rescale or window element (also on first access: it parses lazily)

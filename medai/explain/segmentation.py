@@ -18,10 +18,8 @@ as the classifiers' checkpoints do); training is ``medai anatomy train`` (``meda
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +37,23 @@ log = logging.getLogger(__name__)
 SIZE = 256
 STRUCTURES = ("right_lung", "left_lung", "heart")
 DEFAULT_FILE = "lung-heart-lite0.safetensors"
-# Below this confidence the masks are shown but no CTR headline is given (chosen on the validation
-# masks and on NIH/Kermany films; see the card and benchmarks/anatomy.py).
+# Below this confidence the masks are shown but no CTR headline is given. Set by hand, not fitted:
+# benchmarks/anatomy.py reports the share of NIH PA films that stay above it ("reliable CTR").
 MIN_CONFIDENCE = 0.85
 
 
-def stretch(pixels: np.ndarray) -> np.ndarray:
-    """[0, 1] image at SIZE x SIZE, stretched between its 1st and 99th percentile."""
-    x = resize_float(pixels, (SIZE, SIZE)) if pixels.shape != (SIZE, SIZE) else pixels.astype(np.float32)
-    lo, hi = np.percentile(x, [1, 99])
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+def stretch_batch(image: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1], each image stretched between its 1st and 99th percentile: the contrast of
+    the JSRT films the network learned from. Training applies it to every augmented batch."""
+    flat = image.flatten(1)
+    lo, hi = torch.quantile(flat, 0.01, dim=1), torch.quantile(flat, 0.99, dim=1)
+    return ((image - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-6).view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def stretch(pixels: np.ndarray) -> torch.Tensor:
+    """A decoded [0, 1] image as the network's (1, 1, SIZE, SIZE) input."""
+    x = resize_float(pixels, (SIZE, SIZE)).astype(np.float32, copy=False)
+    return stretch_batch(torch.from_numpy(np.ascontiguousarray(x))[None, None])
 
 
 class _Up(nn.Module):
@@ -71,14 +76,11 @@ class LungHeartNet(nn.Module):
         self.encoder = build_lite(variant, blocks=blocks_at_stride(probe, 16))
         self.variant = variant
         self.taps, chans = [], []  # the last block at each stride: the skip connections
-        stride = 2
         for index, block in enumerate(self.encoder._blocks):
             step = block._block_args.stride
-            step = step[0] if isinstance(step, (list, tuple)) else step
-            if step > 1 and index:
+            if (step[0] if isinstance(step, (list, tuple)) else step) > 1 and index:
                 self.taps.append(index - 1)
                 chans.append(self.encoder._blocks[index - 1]._block_args.output_filters)
-            stride *= step
         self.taps.append(len(self.encoder._blocks) - 1)
         chans.append(self.encoder._blocks[-1]._block_args.output_filters)
         deep, skips = chans[-1], chans[:-1][::-1]  # 112 at /16; skips 40 (/8), 24 (/4), 16 (/2)
@@ -187,15 +189,9 @@ class LearnedSegmenter:
 
     @classmethod
     def load(cls, path: Path) -> LearnedSegmenter:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from medai.models.checkpoint import read_tensors
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                card = json.loads((f.metadata() or {}).get("card", "{}"))
-            state = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise CheckpointError(f"{path.name} is not a readable segmentation checkpoint ({exc})") from None
+        state, card = read_tensors(path, "pt", "segmentation checkpoint")
         net = LungHeartNet(card.get("variant", "efficientnet-lite0"), card.get("width", 32))
         try:
             net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -205,8 +201,7 @@ class LearnedSegmenter:
 
     @torch.inference_mode()
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(stretch(pixels))[None, None]
-        return torch.sigmoid(self.net(x))[0].numpy()
+        return torch.sigmoid(self.net(stretch(pixels)))[0].numpy()
 
     def segment(self, pixels: np.ndarray) -> Segmentation:
         probs = self.probabilities(pixels)
@@ -256,14 +251,11 @@ def default_path() -> Path:
     return SHIPPED_MODELS_DIR / "anatomy" / DEFAULT_FILE
 
 
-@lru_cache(maxsize=2)
-def _cached(path: str, mtime: float) -> LearnedSegmenter:
-    return LearnedSegmenter.load(Path(path))
-
-
 def segmenter(path: Path | None = None) -> LearnedSegmenter | None:
     """The shipped segmenter (cached), or None when no weights are installed (classical anatomy then)."""
     path = path or default_path()
     if not path.is_file():
         return None
-    return _cached(str(path), path.stat().st_mtime)
+    from medai.models.checkpoint import load_cached
+
+    return load_cached(LearnedSegmenter.load, path)

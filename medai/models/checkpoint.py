@@ -6,9 +6,11 @@ Loading rebuilds the model from the card alone and never unpickles anything. Sav
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,51 @@ def save_checkpoint(model: MedaiModel, card: dict[str, Any], path: str | os.Path
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={CARD_KEY: json.dumps(card, default=str)})
     return path
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Any], card: dict[str, Any]) -> Path:
+    """Tensors (torch or numpy) and a JSON card in one ``.safetensors`` file, written atomically, with a
+    ``.json`` copy of the card beside it for people. NumPy arrays are stored in C order: safetensors writes
+    an array's buffer as it lies, so a Fortran-ordered one (PCA components, regression coefficients)
+    would load transposed."""
+    import numpy as np
+
+    from medai.atomic import write_json
+
+    path = Path(path)
+    meta = {CARD_KEY: json.dumps(card, default=str)}
+    with atomic_path(path) as tmp:
+        if all(isinstance(v, np.ndarray) for v in tensors.values()):
+            from safetensors.numpy import save_file as save_np
+
+            save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+        else:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    write_json(path.with_suffix(".json"), card)
+    return path
+
+
+def read_tensors(path: str | os.PathLike, framework: str = "pt", what: str = "checkpoint"
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors and the card of a file ``write_tensors`` wrote; one clear error for any unreadable file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework=framework) as fh:
+            card = json.loads((fh.metadata() or {}).get(CARD_KEY, "{}"))
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} is not a readable {what} ({exc})") from None
+    return tensors, card
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded(loader: Callable[[Path], Any], path: str, mtime_ns: int) -> Any:
+    return loader(Path(path))
+
+
+def load_cached(loader: Callable[[Path], Any], path: Path) -> Any:
+    """``loader(path)``, kept while the file is unchanged (a replaced file, new mtime, is loaded again)."""
+    return _loaded(loader, str(path), path.stat().st_mtime_ns)
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:

@@ -196,9 +196,7 @@ def fit(features: dict[str, np.ndarray], kinds: dict[str, str], components: int 
             "classifier": "multinomial logistic regression (C=0.5, balanced)",
             "distance_limit": f"{quantile:.1%} quantile of held-back fitting images of the kind, x 1.15",
             "fitted_on": {name: int(len(f)) for name, f in features.items()}}
-    # C order: safetensors writes an array's buffer as it lies, so a Fortran-ordered one (PCA components,
-    # the regression's coefficients) would load transposed
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, card
+    return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, card  # write_tensors orders them
 
 
 def features_of(image_set: ImageSet, batch: int = 32) -> np.ndarray:

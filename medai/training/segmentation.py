@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from medai.atomic import atomic_open, write_json
+from medai.atomic import atomic_open
 from medai.errors import DatasetError
-from medai.explain.segmentation import SIZE, STRUCTURES, LungHeartNet, cardiothoracic_ratio, masks_from
+from medai.explain.segmentation import (SIZE, STRUCTURES, LearnedSegmenter, LungHeartNet, cardiothoracic_ratio,
+                                        masks_from, stretch_batch)
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +125,15 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
 
 
-def stretch_batch(image: torch.Tensor) -> torch.Tensor:
-    """The inference-time contrast stretch (1st-99th percentile) applied per image."""
-    flat = image.flatten(1)
-    lo, hi = torch.quantile(flat, 0.01, dim=1), torch.quantile(flat, 0.99, dim=1)
-    return ((image - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-6).view(-1, 1, 1, 1)).clamp(0, 1)
-
-
 @torch.inference_mode()
 def evaluate(net: LungHeartNet, root: Path, split: str) -> dict:
     """Dice per structure (and the CTR from the manual vs the predicted masks) on one split."""
-    from medai.explain.segmentation import stretch
-
-    net.eval()
+    segmenter = LearnedSegmenter(net, {})  # the inference path itself (eval mode; training resets it)
     scores: dict[str, list[float]] = {s: [] for s in STRUCTURES}
     ctr_error = []
     for case in cases(root, split):
         image, truth = load_case(root, case)
-        probs = torch.sigmoid(net(torch.from_numpy(stretch(image))[None, None]))[0].numpy()
-        pred = masks_from(probs)
+        pred = masks_from(segmenter.probabilities(image))
         for i, s in enumerate(STRUCTURES):
             scores[s].append(dice(pred[s], truth[i] > 0.5))
         ctr_true, _ = cardiothoracic_ratio({s: truth[i] > 0.5 for i, s in enumerate(STRUCTURES)})
@@ -257,10 +248,7 @@ def card_for(cfg: SegConfig, extra: dict) -> dict:
 
 
 def save(net: LungHeartNet, cfg: SegConfig, path: Path, extra: dict, half: bool = False) -> None:
-    from safetensors.torch import save
+    from medai.models.checkpoint import write_tensors
 
-    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
-    card = card_for(cfg, extra)
-    with atomic_open(path, "wb") as fh:
-        fh.write(save(state, metadata={"card": json.dumps(card)}))
-    write_json(path.with_suffix(".json"), card)
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in net.state_dict().items()}
+    write_tensors(path, state, card_for(cfg, extra))

@@ -114,12 +114,14 @@ def _record(user: User, analysis: Analysis, predictor: Predictor, thresholds: di
     result = result_dict(analysis, thresholds, predictor.ckpt.card)
     entry_id = db.add_history(user.username, analysis.model_name, analysis.model_sha256, analysis.file_name,
                               analysis.image_sha256, result["findings"], result, pixels)
-    _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result))
+    _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result), None)
     db.audit(user.username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
              findings=result["findings"], status=result["status"])
 
 
-def _history_ids() -> dict[tuple, tuple[int, str]]:
+def _history_ids() -> dict[tuple, tuple[int, str, dict | None]]:
+    """Per analysis of this session: its History row, what was last stored (signature) and the stored
+    explanation summary (kept when the analysis is later re-decided from the batch table)."""
     return st.session_state.setdefault("history_ids", {})
 
 
@@ -136,14 +138,19 @@ def _sync_history(user: User, analysis: Analysis, result: dict[str, Any]) -> Non
     """What the reader sees is what History keeps: a changed threshold re-decides the stored entry (and
     the first heatmap view adds the explanation summary: CTR with its caveat, attention shares)."""
     known = _history_ids().get(_analysis_key(analysis))
-    if known is None or known[1] == _signature(result):
+    if known is None:
+        return
+    entry_id, stored, explanation = known
+    if not result.get("explanation") and explanation:  # re-decided from the table: keep what was explained
+        result = {**result, "explanation": explanation}
+    if stored == _signature(result):
         return
     db = Store()
-    db.update_history_result(known[0], result["findings"], result)
-    _history_ids()[_analysis_key(analysis)] = (known[0], _signature(result))
+    db.update_history_result(entry_id, result["findings"], result)
+    _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result), result.get("explanation"))
     changed = {k: v for k, v in result["thresholds"].items() if v["source"] == "reader"}
     if changed:
-        db.audit(user.username, "thresholds_changed", history_id=known[0], image_sha256=analysis.image_sha256,
+        db.audit(user.username, "thresholds_changed", history_id=entry_id, image_sha256=analysis.image_sha256,
                  thresholds={k: v["value"] for k, v in changed.items()}, findings=result["findings"])
 
 
