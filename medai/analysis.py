@@ -1,5 +1,5 @@
 """What the Analyze page does, without Streamlit: decode an upload, predict, decide findings at chosen
-thresholds, describe confidence in words, and build the downloadable JSON and PDF report.
+thresholds, describe confidence in words, and build the result JSON (the PDF is `medai.report`).
 
 The page (``medai/ui/analyze.py``) only renders what these functions return.
 """
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from medai import gate
 from medai.data.io import DecodedImage, read_regular_file
@@ -119,12 +117,6 @@ def chest_check(predictor: Predictor, anatomy_applicable: bool, anatomy_reason: 
     return None
 
 
-def window(pixels: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Display window on the decoded [0, 1] image: uint8 grey levels for ``level +/- width/2``."""
-    lo, hi = level - width / 2, level + width / 2
-    return (np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
 def card_summary(card: dict[str, Any]) -> dict[str, Any]:
     """The few facts of a model card a reader needs beside a result."""
     val = card.get("metrics", {}).get("val", {})
@@ -177,69 +169,3 @@ def analyze_path(predictor: Predictor, path: str, findings: Findings | None = No
     if findings is None:
         return analyze_bytes(predictor, name, data, path), None
     return analyze_and_explain(predictor, name, data, path, findings, method)
-
-
-def _ctr_line(result: dict[str, Any]) -> str:
-    ctr = (result.get("explanation") or {}).get("cardiothoracic_ratio") or {}
-    if ctr.get("ctr") is None:
-        return f"Cardiothoracic ratio: not available ({ctr.get('note') or 'no anatomy map for this image'})"
-    if not ctr.get("reliable", True):
-        return f"Cardiothoracic ratio: not available - {ctr.get('caveat')} (estimate {ctr['ctr']:.2f})"
-    return f"Cardiothoracic ratio (automatic estimate): {ctr['ctr']:.2f}; {ctr.get('note', '')}"
-
-
-def _threshold_cell(row: dict[str, Any]) -> str:
-    if row.get("threshold_source") == "reader":
-        return f"{row['threshold']:.2f} reader (model {row['model_threshold']:.2f})"
-    return f"{row['threshold']:.2f} model"
-
-
-def report_pdf(result: dict[str, Any], image_u8: np.ndarray, overlays: list[tuple[str, np.ndarray]],
-               reader: str = "") -> bytes:
-    """A one-page A4 report: who, what model, the input gate's verdict, every finding with probability,
-    threshold (model's or the reader's) and call, the heatmaps of the positive findings only, the CTR
-    (or why it is not available) and the disclaimer. ``overlays``: (title, RGB) of positive findings."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8.27, 11.69))
-    model = result["model"]
-    fig.text(0.06, 0.965, "MedAI CXR - analysis report", fontsize=16, weight="bold")
-    fig.text(0.06, 0.943, f"File {result['file']}   |   {result['created_at']}   |   reader {reader or '-'}   |   "
-             f"image sha256 {result['image_sha256'][:16]}...", fontsize=7.5, color="#444")
-    fig.text(0.06, 0.928, f"Model {model['name']} ({model['architecture']}, task {model['task']}, version "
-             f"{model.get('created_at') or '-'}, sha256 {model['sha256'][:16]}...)", fontsize=7.5, color="#444")
-    gate_line = ("Input check: " + (f"REFUSED - {result.get('refusal')}" if result.get("status") == "refused" else
-                 "passed (" + str((result.get("input_gate") or {}).get("source", "-")) + ")"))
-    fig.text(0.06, 0.912, gate_line, fontsize=8, color="#8a1c1c" if result.get("status") == "refused" else "#225522",
-             wrap=True)
-    panels = [("Image", image_u8)] + overlays[:3]
-    width = 0.88 / len(panels)
-    for i, (title, img) in enumerate(panels):
-        ax = fig.add_axes((0.06 + i * width, 0.52, width - 0.01, 0.37))
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    rows = result["results"][:16]
-    table_ax = fig.add_axes((0.06, 0.17, 0.88, 0.33))
-    table_ax.axis("off")
-    if rows:
-        cells = [[r["finding"], f"{r['probability']:.3f}", _threshold_cell(r), "POSITIVE" if r["positive"] else "-",
-                  r["confidence"]] for r in rows]
-        table = table_ax.table(cellText=cells, colLabels=["Finding", "Probability", "Threshold", "Call", "Confidence"],
-                               loc="upper center", cellLoc="left", colWidths=[0.26, 0.13, 0.31, 0.13, 0.17])
-        table.auto_set_font_size(False)
-        table.set_fontsize(8)
-        for (row, _), cell in table.get_celld().items():
-            if row > 0 and rows[row - 1]["positive"]:
-                cell.set_facecolor("#fde8e4")
-    lines = [_ctr_line(result)] if result.get("status") != "refused" else []
-    if model.get("limitations"):
-        lines.append(f"Limitations: {model['limitations']}")
-    fig.text(0.06, 0.15, "\n".join(lines), fontsize=8, va="top", wrap=True)
-    fig.text(0.06, 0.05, DISCLAIMER, fontsize=9, weight="bold", color="#8a1c1c", wrap=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="pdf", metadata={"Title": "MedAI CXR analysis report", "Creator": "MedAI CXR"})
-    return buf.getvalue()

@@ -1,5 +1,5 @@
-"""The Analyze page's logic on real images: decisions, confidence words, display window, the JSON result
-(no patient tags) and the one-page PDF report."""
+"""The Analyze page's logic on real images: decisions, confidence words, the JSON result (no patient tags)
+and the one-page PDF report (patient fields, the reader's threshold, positive heatmaps)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medai.analysis import analyze_and_explain, analyze_bytes, confidence_band, decide, report_pdf, result_dict, window
+from medai.analysis import analyze_and_explain, analyze_bytes, confidence_band, decide, result_dict
+from medai.report import report_pdf
 from medai.inference import Predictor
 from medai.models import create_model
 from medai.models.checkpoint import load_checkpoint, new_card, save_checkpoint
@@ -36,13 +37,6 @@ def test_decide_orders_positives_first_with_confidence_words():
     assert [r["positive"] for r in decide(["A", "B"], [0.2, 0.95], {"A": 0.1, "B": 0.99})] == [True, False]
 
 
-def test_window_maps_level_and_width_to_grey_levels():
-    pixels = np.linspace(0, 1, 11, dtype=np.float32)[None, :]
-    assert window(pixels, 0.5, 1.0)[0].tolist() == [0, 26, 51, 77, 102, 128, 153, 179, 204, 230, 255]
-    narrow = window(pixels, 0.5, 0.2)[0]
-    assert narrow[:4].tolist() == [0] * 4 and narrow[-4:].tolist() == [255] * 4 and narrow[5] in (127, 128)
-
-
 def test_dicom_result_has_no_patient_tags_and_report_is_one_pdf_page(chest_predictor: Predictor):
     path = need("dicom/siim_cxr_pa_mono2.dcm")
     data = path.read_bytes()
@@ -57,12 +51,37 @@ def test_dicom_result_has_no_patient_tags_and_report_is_one_pdf_page(chest_predi
     assert result["findings"] == [r["finding"] for r in result["results"] if r["positive"]]
     assert result["thresholds"] == {"PNEUMONIA": {"value": 0.42, "model": 0.5, "source": "reader"}}
     assert result["status"] == "analysed" and result["input_gate"]["accepted"]
-    shown = window(analysis.image.pixels, 0.5, 1.0)
+    shown = (analysis.image.pixels * 255 + 0.5).astype(np.uint8)
     overlay = np.stack([shown] * 3, axis=-1)
-    pdf = report_pdf(result, shown, [("gradcam heatmap for PNEUMONIA", overlay)], reader="rad1")
+    pdf = report_pdf(result, shown, [("gradcam heatmap for PNEUMONIA", overlay)], reader="rad1",
+                     study=analysis.image.study)
     assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
     assert len(re.findall(rb"/Type\s*/Page\b", pdf)) == 1
     assert b"MedAI CXR analysis report" in pdf
+    text = pdf_text(pdf)
+    # the patient and study fields are printed in the report (and only there), with model, reader, gate
+    assert "16d7f894-55d7-4d95-8957-d18987f0e981" in text and "Study UID:" in text and "Sex:" in text
+    assert chest_predictor.ckpt.sha256[:32] in text and "Reader:" in text and "rad1" in text
+    assert "Input check: passed" in text and "gradcam heatmap for PNEUMONIA" in text
+    assert "0.42 changed by reader (model 0.50)" in text
+
+
+def pdf_text(pdf: bytes) -> str:
+    import io
+
+    from pypdf import PdfReader
+
+    return " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+
+
+def test_a_png_report_says_it_has_no_patient_fields_and_a_refused_one_shows_no_findings(chest_predictor: Predictor):
+    path = sorted(need("brain-tumor-mri/glioma").glob("*.jpg"))[0]
+    analysis = analyze_bytes(chest_predictor, "demo", path.read_bytes(), path.name)
+    assert analysis.refused and analysis.image.study == {}
+    result = result_dict(analysis, {"PNEUMONIA": 0.5}, chest_predictor.ckpt.card)
+    text = pdf_text(report_pdf(result, (analysis.image.pixels * 255).astype(np.uint8), [], "rad1"))
+    assert "no DICOM patient or study fields" in text and "Input check: REFUSED" in text
+    assert "PNEUMONIA" not in text and "Probability" not in text
 
 
 def test_a_two_class_model_makes_one_decision_and_marks_the_readers_threshold(chest_predictor: Predictor):

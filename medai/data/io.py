@@ -126,6 +126,12 @@ class ImageMeta:
 class DecodedImage:
     pixels: np.ndarray  # float32, HxW, in [0, 1], dark = low attenuation (lungs dark on chest X-rays)
     meta: ImageMeta
+    # The image in its own units for a viewer's window/level (grey DICOM: the modality-rescaled values
+    # before any window, in the smallest dtype that holds them exactly); None: ``pixels`` x 255 (PNG/JPEG).
+    values: np.ndarray | None = None
+    # Patient and study fields of a DICOM (name, ID, dates, accession...): for signed-in readers and the
+    # report only, never in logs, History or result JSON; kept apart from ``meta`` for that reason.
+    study: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -300,8 +306,9 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
         windowed = False
     elif arr.ndim != 2:
         raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
+        values = None
     else:
-        arr, windowed = _apply_luts(arr, ds, notes)
+        values, arr, windowed = _apply_luts(arr, ds, notes)
     arr = _minmax(np.asarray(arr, dtype=np.float32))
     if photometric == "MONOCHROME1":
         arr = 1.0 - arr
@@ -311,41 +318,103 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
         source_format="dicom", width=int(arr.shape[1]), height=int(arr.shape[0]), bits=bits,
         photometric=photometric, view=_clean(ds.get("ViewPosition")), modality=_clean(ds.get("Modality")),
         body_part=_clean(ds.get("BodyPartExamined")), windowed=windowed,
-        extra={"frames": frames, "transfer_syntax": syntax, **({"warnings": notes} if notes else {})},
+        extra={"frames": frames, "transfer_syntax": syntax, **({"warnings": notes} if notes else {}),
+               **({"units": _units(ds, windowed)} if values is not None else {})},
     )
-    return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+    return DecodedImage(np.ascontiguousarray(arr, dtype=np.float32), meta, values, _study(ds))
+
+
+STUDY_FIELDS = {"PatientName": "Patient", "PatientID": "Patient ID", "PatientBirthDate": "Born",
+                "PatientSex": "Sex", "StudyDate": "Study date", "StudyTime": "Study time",
+                "AccessionNumber": "Accession", "StudyDescription": "Study", "SeriesDescription": "Series",
+                "InstitutionName": "Institution", "ReferringPhysicianName": "Referring",
+                "StudyInstanceUID": "Study UID"}
+
+
+def _study(ds: Any) -> dict[str, str]:
+    """The patient and study fields the file has (blank ones left out), as text of at most 64 characters."""
+    out = {}
+    for keyword, title in STUDY_FIELDS.items():
+        try:
+            text = str(ds.get(keyword) or "").replace("^", " ").strip()
+        except _MALFORMED:
+            continue
+        if text:
+            out[title] = "".join(c if c.isprintable() else " " for c in text)[:64]
+    return out
+
+
+def _units(ds: Any, windowed: bool) -> dict[str, Any]:
+    """What ``values`` are (the rescale type; HU for CT) and the file's own windows (centre, width,
+    explanation; none when the decoder could not apply them), for a viewer's presets; MONOCHROME1 says
+    high values are shown dark."""
+    from pydicom.multival import MultiValue
+
+    def listed(keyword: str) -> list:
+        value = ds.get(keyword)
+        return [] if value is None or value == "" else list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+    windows = []
+    try:
+        names = [str(n) for n in listed("WindowCenterWidthExplanation")]
+        for i, (center, width) in enumerate(zip(listed("WindowCenter"), listed("WindowWidth"))):
+            center, width = float(center), float(width)
+            if np.isfinite(center) and np.isfinite(width) and width >= 1:
+                windows.append({"center": center, "width": width, "name": names[i] if i < len(names) else ""})
+    except _MALFORMED:
+        windows = []
+    modality = str(ds.get("Modality") or "").upper()
+    name = str(ds.get("RescaleType") or "").strip() or ("HU" if modality == "CT" else "")
+    return {"name": name or "stored value", "windows": windows if windowed else [],
+            "monochrome1": str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"}
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """The rescaled values in the smallest dtype that holds them exactly (int16/uint16 for most films)."""
+    if values.dtype.kind in "iu":
+        for dtype in (np.int16, np.uint16, np.int32):
+            if values.min() >= np.iinfo(dtype).min and values.max() <= np.iinfo(dtype).max:
+                return values.astype(dtype, copy=False)
+        return values
+    values = np.asarray(values, dtype=np.float32)
+    if np.all(np.isfinite(values)) and np.array_equal(values, np.round(values)):
+        return _compact(values.astype(np.int64))
+    return values
 
 
 # What pydicom raises for a malformed rescale or window element (also on first access: it parses lazily)
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, OverflowError)
 
 
-def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str]) -> tuple[np.ndarray, bool]:
-    """Rescale and window as the file says; a malformed LUT or window is skipped with a note, not fatal:
-    the min-max normalisation that follows still shows the image, which is what a viewer would do."""
+def _apply_luts(arr: np.ndarray, ds: Any, notes: list[str]) -> tuple[np.ndarray | None, np.ndarray, bool]:
+    """Rescale and window as the file says: (the rescaled values, or None when they are not finite; the
+    windowed image; whether a window was applied). A malformed LUT or window is skipped with a note, not
+    fatal: the min-max normalisation that follows still shows the image, which is what a viewer would do."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         arr = apply_modality_lut(arr, ds)
     except _MALFORMED as exc:
         notes.append(f"modality rescale ignored (malformed: {exc})")
+    finite = bool(np.all(np.isfinite(arr))) if arr.dtype.kind == "f" else True
+    values = _compact(arr) if finite else None
     if not any(k in ds for k in ("WindowCenter", "VOILUTSequence")):
-        return arr, False
+        return values, arr, False
     try:
         linear = _linear_window(arr, ds)
     except _MALFORMED:  # a damaged window element (pydicom parses lazily): pydicom's own path notes it below
         linear = None
     if linear is not None:
-        return linear, True
+        return values, linear, True
     try:
         windowed = apply_voi_lut(arr, ds)
     except _MALFORMED as exc:
         notes.append(f"window / VOI LUT ignored (malformed: {exc})")
-        return arr, False
+        return values, arr, False
     if not np.all(np.isfinite(np.asarray(windowed, dtype=np.float64))):
         notes.append("window / VOI LUT ignored (it gives non-finite values)")
-        return arr, False
-    return windowed, True
+        return values, arr, False
+    return values, windowed, True
 
 
 def _linear_window(arr: np.ndarray, ds: Any) -> np.ndarray | None:

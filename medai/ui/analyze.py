@@ -12,8 +12,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from medai.analysis import (DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, decide, report_pdf,
-                            result_dict, window)
+from medai.analysis import DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, decide, result_dict
 from medai.catalog import ModelEntry, default_index
 from medai.data.transforms import resize_float
 from medai.errors import MedaiError
@@ -21,7 +20,9 @@ from medai.explain.cam import CAM_METHODS, default_method
 from medai.explain.explainer import Explanation, explain
 from medai.explain.overlay import display_size, render_overlay, to_png
 from medai.inference import Predictor
+from medai.report import report_pdf
 from medai.store import Store, User
+from medai.ui import viewer
 from medai.ui.widgets import (available_models, cached_predictor, model_label, plain, probability_chart,
                               shares_chart)
 
@@ -187,22 +188,31 @@ def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
     return analyses[chosen[0] if chosen else 0]
 
 
-def _image_panel(analysis: Analysis, pixels: np.ndarray) -> np.ndarray:
-    """``pixels``: the decoded image at display size."""
+def _film(analysis: Analysis) -> tuple[np.ndarray, np.ndarray]:
+    """The image facts, the window/level controls and the film as the reader windows it: uint8 at full
+    resolution (the viewer's first pane) and [0, 1] at display size (what heatmaps are drawn on)."""
     meta = analysis.image.meta
-    if meta.source_format == "dicom":
-        c1, c2 = st.columns(2)
-        level = c1.slider("Level", 0.0, 1.0, 0.5, 0.01, key=f"level_{analysis.image_sha256}")
-        width = c2.slider("Width", 0.05, 1.0, 1.0, 0.01, key=f"width_{analysis.image_sha256}")
-        shown = window(pixels, level, width)
-    else:
-        shown = window(pixels, 0.5, 1.0)
     details = [meta.source_format.upper(), f"{meta.width} x {meta.height}"]
     details += [v for v in (meta.modality, meta.body_part, meta.view) if v]
-    st.image(shown, caption=" | ".join(details), width="stretch")
+    st.caption(plain(" | ".join(details)))
     for note in meta.extra.get("warnings", []):  # e.g. a malformed DICOM window the decoder had to skip
         st.warning(f"DICOM: {plain(note)}; the image is shown min-max scaled instead.", icon=":material/tune:")
-    return shown
+    scale, win, invert = viewer.window_controls(analysis.image, analysis.image_sha256[:16])
+    full = scale.window_u8(win, invert)
+    return full, resize_float(full.astype(np.float32) / 255, display_size(full.shape))
+
+
+def _study_panel(analysis: Analysis) -> None:
+    """The DICOM's patient and study fields, for the signed-in reader (never logged or stored)."""
+    if analysis.image.study:
+        with st.expander("Patient and study (from the DICOM)", icon=":material/badge:"):
+            st.table({k: plain(v) for k, v in analysis.image.study.items()})
+
+
+def _show_viewer(analysis: Analysis, full: np.ndarray, panes: list[tuple[str, np.ndarray]]) -> None:
+    film = viewer.full_resolution(full)
+    scaled = f"film sent at {film.shape[1]} x {film.shape[0]}" if film.shape != full.shape else "film at full resolution"
+    viewer.show([("Image", film), *panes], (full.shape[1], full.shape[0]), analysis.image_sha256[:16], scaled)
 
 
 def _findings_panel(rows: list[dict]) -> None:
@@ -210,8 +220,8 @@ def _findings_panel(rows: list[dict]) -> None:
     if positives:
         for r in positives:
             own = f", yours; model {r['model_threshold']:.2f}" if r["threshold_source"] == "reader" else ""
-        st.markdown(f"**{r['finding']}**: {r['probability']:.2f} ({r['confidence']}; threshold "
-                    f"{r['threshold']:.2f}{own})")
+            st.markdown(f"**{r['finding']}**: {r['probability']:.2f} ({r['confidence']}; threshold "
+                        f"{r['threshold']:.2f}{own})")
     else:
         st.markdown("No finding above its threshold.")
     st.plotly_chart(probability_chart(rows), key="prob_chart")
@@ -250,11 +260,12 @@ def _confirm_expensive(predictor: Predictor, analysis: Analysis, finding: str, m
     return method
 
 
-def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray
-                   ) -> tuple[Explanation, np.ndarray, Callable[[], np.ndarray]]:
-    """The overlay on screen is rendered on ``display`` (the image at display size); the returned function
-    renders the download at the original resolution, only when it is asked for."""
-    c1, c2, c3 = st.columns([2, 2, 1])
+def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray,
+                   full: np.ndarray) -> tuple[Explanation, str, np.ndarray, Callable[[], np.ndarray]]:
+    """The heatmap controls and the overlay on ``display`` (the windowed film at display size), with its
+    caption; the returned function renders the download on ``full`` (the windowed film at the original
+    resolution), only when it is asked for."""
+    c1, c2, c3, c4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
     finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
     methods = list(CAM_METHODS)
     arch_default = default_method(predictor.ckpt.card["architecture"])
@@ -264,14 +275,13 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
                           help=f"{arch_default} is this architecture's default (best ROAD score measured); the "
                                "choice applies to this image and model only")
     opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="heat_opacity")
-    contours = st.checkbox("Outline lungs and heart", value=True, key="heat_contours")
+    contours = c4.checkbox("Outline lungs and heart", value=True, key="heat_contours")
     method = _confirm_expensive(predictor, analysis, finding, method, arch_default)
     exp = _explanation(predictor, analysis, finding, method)
     anatomy = exp.anatomy if contours else None
-    pixels = analysis.image.pixels
     overlay = render_overlay(display, exp.heatmaps.at(finding, display.shape), opacity, anatomy)
-    st.image(overlay, caption=f"{method} heatmap for {finding}", width="stretch")
-    return exp, overlay, lambda: render_overlay(pixels, exp.heatmaps[finding], opacity, anatomy)
+    return (exp, f"{method} heatmap for {finding}", overlay,
+            lambda: render_overlay(full.astype(np.float32) / 255, exp.heatmaps[finding], opacity, anatomy))
 
 
 def _anatomy_panel(exp: Explanation, finding: str) -> None:
@@ -308,13 +318,13 @@ def _positive_overlays(predictor: Predictor, analysis: Analysis, rows: list[dict
 
 
 def _downloads(result: dict[str, Any], shown: np.ndarray, report_overlays: Callable[[], list],
-               full_overlay: Callable[[], np.ndarray], reader: str, stem: str) -> None:
+               full_overlay: Callable[[], np.ndarray], reader: str, stem: str, study: dict[str, str]) -> None:
     c1, c2, c3 = st.columns(3)
     c1.download_button("Overlay PNG", lambda: to_png(full_overlay()), f"{stem}_overlay.png", "image/png",
                        on_click="ignore", icon=":material/image:")
     c2.download_button("Result JSON", json.dumps(result, indent=2), f"{stem}_result.json", "application/json",
                        on_click="ignore", icon=":material/data_object:")
-    c3.download_button("PDF report", lambda: report_pdf(result, shown, report_overlays(), reader), f"{stem}_report.pdf",
+    c3.download_button("PDF report", lambda: report_pdf(result, shown, report_overlays(), reader, study), f"{stem}_report.pdf",
                        "application/pdf", on_click="ignore", icon=":material/picture_as_pdf:")
 
 
@@ -324,9 +334,9 @@ def _refused_view(user: User, analysis: Analysis, predictor: Predictor, threshol
 
     st.subheader(plain(analysis.file_name))
     st.error(plain(refusal_message(analysis.verdict)), icon=":material/block:")
-    left, _ = st.columns(2)
-    with left:
-        _image_panel(analysis, resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape)))
+    full, _display = _film(analysis)
+    _study_panel(analysis)
+    _show_viewer(analysis, full, [])
     result = result_dict(analysis, thresholds, predictor.ckpt.card)
     st.download_button("Result JSON", json.dumps(result, indent=2), f"{analysis.file_name.rsplit('.', 1)[0]}_result.json",
                        "application/json", on_click="ignore", icon=":material/data_object:")
@@ -356,24 +366,21 @@ def render_analyze(user: User) -> None:
         _refused_view(user, analysis, predictor, thresholds)
         return
     rows = decide(analysis.labels, analysis.prediction.probabilities, thresholds, predictor.thresholds)
-    display = resize_float(analysis.image.pixels, display_size(analysis.image.pixels.shape))
+    st.subheader(plain(analysis.file_name))
+    full, display = _film(analysis)
+    exp, caption, overlay, full_overlay = _heatmap_panel(predictor, analysis, rows, display, full)
+    _show_viewer(analysis, full, [(caption, overlay)])
+    st.caption(caption)
+    _study_panel(analysis)
     left, right = st.columns(2)
     with left:
-        st.subheader(plain(analysis.file_name))
-        shown = _image_panel(analysis, display)
-    with right:
         st.subheader("Findings")
         _findings_panel(rows)
-    st.divider()
-    left, right = st.columns(2)
-    with left:
-        st.subheader("Heatmap")
-        exp, overlay, full_overlay = _heatmap_panel(predictor, analysis, rows, display)
     with right:
         st.subheader("Anatomy")
-        finding = st.session_state["heat_finding"]
-        _anatomy_panel(exp, finding)
+        _anatomy_panel(exp, st.session_state["heat_finding"])
     result = result_dict(analysis, thresholds, predictor.ckpt.card, exp.to_dict())
     _sync_history(user, analysis, result)
+    shown = (display * 255 + 0.5).astype(np.uint8)
     _downloads(result, shown, lambda: _positive_overlays(predictor, analysis, rows, display, exp.method),
-               full_overlay, user.username, analysis.file_name.rsplit(".", 1)[0])
+               full_overlay, user.username, analysis.file_name.rsplit(".", 1)[0], analysis.image.study)

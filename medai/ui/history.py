@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import streamlit as st
 
 from medai.analysis import analyze_and_explain
 from medai.catalog import ModelEntry, list_models
+from medai.data.io import decode_image
 from medai.explain.overlay import render_overlay
 from medai.store import Store, User
+from medai.ui import viewer
 from medai.ui.widgets import cached_predictor, plain, probability_chart
 
 
@@ -28,12 +31,17 @@ def _model_for(entry) -> ModelEntry | None:
 
 
 def _image_and_heatmap(entry, pixels: bytes) -> None:
-    """The stored image and, when the model that made the result is still installed, the heatmap of a
-    finding, recomputed from the stored pixels (the same model file: the same map, up to 8-bit storage)."""
+    """The stored image in the viewer and, when the model that made the result is still installed, the
+    heatmap of a finding beside it, recomputed from the stored pixels (the same model file: the same map,
+    up to 8-bit storage)."""
+    image = decode_image(pixels, name=entry.file_name)
+    view_key = f"history-{entry.id}"
+    size = (image.meta.width, image.meta.height)
+    stored = np.round(image.pixels * 255).astype(np.uint8)
     model = _model_for(entry)
     findings = [r["finding"] for r in entry.result.get("results", [])]
     if model is None or not findings:
-        st.image(pixels, caption="stored image", width="stretch")
+        viewer.show([("Stored image", stored)], size, view_key, "stored image")
         if model is None:
             st.caption(f"No heatmap: the model {plain(entry.model)} with sha256 {entry.model_sha256[:12]} is no "
                        "longer installed.")
@@ -42,17 +50,18 @@ def _image_and_heatmap(entry, pixels: bytes) -> None:
     finding = st.selectbox("Heatmap of", ["none (image only)", *findings],
                            index=1 + findings.index(positives[0]) if positives else 0, key=f"history_heat_{entry.id}")
     if finding not in findings:
-        st.image(pixels, caption="stored image", width="stretch")
+        viewer.show([("Stored image", stored)], size, view_key, "stored image")
         return
     with st.spinner(f"Heatmap for {finding}..."):
         analysis, exp = analyze_and_explain(cached_predictor(model), model.name, pixels, entry.file_name, [finding])
     if exp is None:  # the stored 8-bit image is refused by today's input gate
-        st.image(pixels, caption="stored image", width="stretch")
+        viewer.show([("Stored image", stored)], size, view_key, "stored image")
         st.caption(f"No heatmap: {plain(analysis.verdict.reason)}.")
         return
     overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], 0.45, exp.anatomy)
-    st.image(overlay, caption=f"{exp.method} heatmap for {finding} (recomputed from the stored image)",
-             width="stretch")
+    caption = f"{exp.method} heatmap for {finding} (recomputed from the stored image)"
+    viewer.show([("Stored image", stored), (caption, overlay)], size, view_key, "stored image")
+    st.caption(caption)
 
 
 def render_history(user: User) -> None:
@@ -90,14 +99,12 @@ def render_history(user: User) -> None:
     if changed:
         st.caption("Decided at the reader's thresholds: " + ", ".join(
             f"{plain(k)} {v['value']:.2f} (model {v['model']:.2f})" for k, v in changed.items()))
-    left, right = st.columns(2)
     pixels = db.history_pixels(entry.id) if entry.has_pixels else None
     if pixels:
-        with left:
-            _image_and_heatmap(entry, pixels)
+        _image_and_heatmap(entry, pixels)
     else:
-        left.info("Image pixels are not stored (the admin setting keeps only hashes and results).")
+        st.info("Image pixels are not stored (the admin setting keeps only hashes and results).")
     if entry.result.get("results"):
-        right.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")
+        st.plotly_chart(probability_chart(entry.result["results"]), key="history_chart")
     st.download_button("Result JSON", json.dumps(entry.result, indent=2), f"analysis_{entry.id}.json",
                        "application/json", on_click="ignore")

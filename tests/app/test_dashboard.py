@@ -3,6 +3,7 @@ Analyze page on real X-rays (no browser; tests/e2e drives a real one)."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -116,6 +117,20 @@ def _analyze_upload(at: AppTest, name: str, data: bytes, mime: str) -> AppTest:
     return at.file_uploader[0].set_value((name, data, mime)).run()
 
 
+def viewer_page(at: AppTest) -> str:
+    (page,) = [e.proto.srcdoc for e in at.get("iframe") if 'id="viewer"' in e.proto.srcdoc]
+    return page
+
+
+def viewer_panes(at: AppTest) -> list[list[str]]:
+    """The captions of each image viewer's panes on the page (the viewer is an st.iframe page)."""
+    import html
+    import re
+
+    return [[html.unescape(c) for c in re.findall(r'<div class="cap">(.*?)</div>', e.proto.srcdoc)]
+            for e in at.get("iframe") if 'id="viewer"' in e.proto.srcdoc]
+
+
 def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     val = need("kermany-pneumonia/val/PNEUMONIA")
     image = sorted(val.glob("*.jpeg"))[0]
@@ -127,8 +142,10 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     assert not any("brain-mri" in str(o) for o in at.selectbox(key="analyze_model_Chest X-ray").options)
     finding_lines = [m.value for m in at.markdown if m.value.startswith("**")]
     assert finding_lines and finding_lines[0].startswith("**PNEUMONIA**")
-    captions = [c for img in at.image for c in img.captions]
-    assert any("heatmap for PNEUMONIA" in c for c in captions) and any("JPEG" in c for c in captions)
+    (panes,) = viewer_panes(at)  # the film and its heatmap side by side, in one viewer
+    assert panes[0] == "Image" and re.fullmatch(r"[\w+]+ heatmap for PNEUMONIA", panes[1]), panes
+    assert any(panes[1] == c.value for c in at.caption) and any(c.value.startswith("JPEG") for c in at.caption)
+    assert at.slider(key=f"wl_level_{Store().history()[0].image_sha256[:16]}").label == "Level (grey level)"
     assert any("Segmentation: learned" in c.value or "Cardiothoracic ratio not reported" in c.value
                for c in at.caption)  # the anatomy panel's CTR, from the learned segmentation
     # the heatmap shown is the one the upload's own forward pass made: no second explanation was computed
@@ -172,7 +189,7 @@ def test_a_brain_mri_on_the_chest_page_is_refused_and_history_says_so(medai_home
     assert not at.exception
     assert any("Not analysed" in e.value and "frontal chest X" in e.value for e in at.error)
     assert not [m.value for m in at.markdown if m.value.startswith("**PNEUMONIA**")]
-    assert not at.get("plotly_chart") and not [i for i in at.image if any("heatmap" in c for c in i.captions)]
+    assert not at.get("plotly_chart") and viewer_panes(at) == [["Image"]]  # the image, no heatmap
     entry = Store().history(username="rita")[0]
     assert entry.findings == [] and entry.result["status"] == "refused"
     history = page_as("history.py", "rita")
@@ -244,6 +261,40 @@ def test_a_dicom_with_a_malformed_window_is_shown_with_a_warning(medai_home: Pat
     assert any("DICOM: window / VOI LUT ignored" in w.value for w in at.warning)
     entry = Store().history(username="rita")[0]
     assert any("window" in note for note in entry.result["image"]["decoder_warnings"])
+
+
+def test_a_dicom_is_windowed_in_its_own_units_and_its_patient_fields_reach_only_the_reader(medai_home: Path):
+    """Was: window/level in 0-1 units, no presets, no patient or study fields anywhere."""
+    import logging
+
+    dicom = need("dicom/pydicom_data_RG1_UNCR.dcm")  # CR, 15-bit stored values, window C 15000 / W 30000
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        at = _analyze_upload(at, dicom.name, dicom.read_bytes(), "application/dicom")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not at.exception and not at.error
+    sha = Store().history()[0].image_sha256[:16]
+    level, width = at.slider(key=f"wl_level_{sha}"), at.slider(key=f"wl_width_{sha}")
+    assert (level.label, level.value, width.value) == ("Level (stored value)", 15000.0, 30000.0)
+    assert at.selectbox(key=f"wl_preset_{sha}").value.startswith("File window 1")
+    before = viewer_page(at)
+    at = at.selectbox(key=f"wl_preset_{sha}").set_value("Bone (brightest range of this film)").run()
+    bone = at.slider(key=f"wl_level_{sha}")
+    assert not at.exception and 874 <= bone.value < 15000 and viewer_page(at) != before
+    at = at.slider(key=f"wl_level_{sha}").set_value(9000.0).run()
+    assert at.selectbox(key=f"wl_preset_{sha}").value == "custom"
+    patient = [t for t in at.table if "CompressedSamples RG1" in str(t.value)]
+    assert patient and "9RG1" in str(patient[0].value)
+    entry = Store().history()[0]
+    stored = str(entry.result) + str(Store().audit_log())
+    logged = " ".join(r.getMessage() for r in records)
+    assert "CompressedSamples" not in stored and "9RG1" not in stored and "CompressedSamples" not in logged
 
 
 def test_users_page_lists_a_new_user_at_once_shows_locks_and_unlocks(medai_home: Path):
@@ -339,5 +390,5 @@ def test_history_filters_by_part_of_a_name_and_reopens_image_with_heatmap(medai_
     history = page_as("history.py", "rita")
     next(t for t in history.text_input if t.label == "Model").set_value("hybrid").run()
     assert not history.exception and not history.info
-    captions = [c for img in history.image for c in img.captions]
-    assert any("heatmap for PNEUMONIA (recomputed from the stored image)" in c for c in captions), captions
+    (panes,) = viewer_panes(history)
+    assert panes[0] == "Stored image" and "heatmap for PNEUMONIA (recomputed from the stored image)" in panes[1]
