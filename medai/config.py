@@ -61,6 +61,11 @@ class AugmentConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     hflip: bool = False
+    # Against shortcuts at the film's edge (borders, side markers, text, collimation): a random crop keeping
+    # at least this share of the area (0: none), and blanking a random band along each edge with this
+    # probability per edge (0: never), to a random grey.
+    crop_min_area: float = 0.0
+    erase_border: float = 0.0
 
 
 @dataclass
@@ -256,6 +261,9 @@ def validate(cfg: ExperimentConfig) -> None:
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (0 <= cfg.data.test_fraction < 1, "data.test_fraction", "must be in [0, 1)"),
         (bool(cfg.data.root), "data.root", "must name a dataset folder or file"),
+        (cfg.augment.crop_min_area == 0 or 0.2 <= cfg.augment.crop_min_area <= 1, "augment.crop_min_area",
+         "must be 0 (no crop) or in [0.2, 1]"),
+        (0 <= cfg.augment.erase_border <= 1, "augment.erase_border", "must be in [0, 1]"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -184,3 +184,24 @@ def test_augmentation_is_mild_and_flip_is_off_by_default():
     assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
     assert torch.corrcoef(torch.stack([plain.ravel(), augmented.ravel()]))[0, 1] > 0.5
     assert "Flip" in repr(build_augmentation(AugmentConfig(hflip=True)))
+
+
+def test_edge_augmentations_move_and_blank_the_films_edges_but_keep_its_middle():
+    """Against border and marker shortcuts: a random crop, and bands along the edges set to one grey."""
+    from medai.data.transforms import EraseBorder
+
+    f = sorted(need("kermany-pneumonia/val/PNEUMONIA").glob("*.jpeg"))[0]
+    rec = Record(f.name, str(f), np.zeros(1, np.float32), "p")
+    plain = XrayDataset([rec], PreprocessSpec(128))[0][0][0]
+    aug = build_augmentation(AugmentConfig(rotate_degrees=0, translate=0, scale=0, brightness=0, contrast=0,
+                                           crop_min_area=0.6, erase_border=1.0))
+    assert "RandomCropBack(min_area=0.6)" in repr(aug) and "EraseBorder(p=1.0)" in repr(aug)
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = XrayDataset([rec], PreprocessSpec(128), augment=aug)[0][0][0]
+        assert out.shape == plain.shape
+        for band in (out[:2, 24:104], out[-2:, 24:104], out[24:104, :2], out[24:104, -2:]):  # each edge: one grey
+            assert band.unique().numel() == 1
+        assert out[40:88, 40:88].std() > 0.1  # the middle is still the film
+    erased = EraseBorder(0.0)(torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4))
+    assert torch.equal(erased, torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4))

@@ -73,6 +73,8 @@ def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
     if not cfg.enabled:
         return None
     ops: list[v2.Transform] = []
+    if cfg.crop_min_area:
+        ops.append(RandomCropBack(cfg.crop_min_area))
     if cfg.rotate_degrees or cfg.translate or cfg.scale:
         ops.append(v2.RandomAffine(degrees=cfg.rotate_degrees, translate=(cfg.translate, cfg.translate),
                                    scale=(1 - cfg.scale, 1 + cfg.scale),
@@ -81,7 +83,50 @@ def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
         ops.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if cfg.erase_border:
+        ops.append(EraseBorder(cfg.erase_border))
     return v2.Compose(ops) if ops else None
+
+
+class RandomCropBack(torch.nn.Module):
+    """A random crop of at least ``min_area`` of the image (aspect within 3:4-4:3) resized back to its
+    size: markers and borders move or leave the frame, so their place tells the model nothing."""
+
+    def __init__(self, min_area: float):
+        super().__init__()
+        self.scale, self.ratio = [min_area, 1.0], [0.75, 4 / 3]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        i, j, h, w = v2.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        return v2.functional.resized_crop(image, i, j, h, w, list(image.shape[-2:]), antialias=True)
+
+    def extra_repr(self) -> str:
+        return f"min_area={self.scale[0]}"
+
+
+class EraseBorder(torch.nn.Module):
+    """With probability ``p`` per edge, a band of 2-15% of the side along that edge set to one random grey
+    level: text, side markers and collimator edges live there, the lungs do not."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = image.clone()
+        h, w = out.shape[-2:]
+        for edge in range(4):
+            if float(torch.rand(())) >= self.p:
+                continue
+            side = h if edge < 2 else w
+            band = max(1, int(side * float(torch.empty(()).uniform_(0.02, 0.15))))
+            grey = int(torch.randint(0, 256, ())) if out.dtype == torch.uint8 else float(torch.rand(()))
+            region = (out[..., :band, :], out[..., h - band:, :], out[..., :, :band], out[..., :, w - band:])[edge]
+            region.fill_(grey)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def augment_and_normalise(arr: np.ndarray, spec: PreprocessSpec,

@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from medai import auth
+from medai.catalog import list_models
 from medai.store import Store
 from tests.conftest import need
 
@@ -159,6 +160,22 @@ def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
     at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
     assert not at.exception and len(at.session_state["analyses"]) == 1
     assert [e.id for e in Store().history(username="rita")] == [entry.id]
+
+
+def test_every_positive_finding_of_a_14_finding_model_is_listed(medai_home: Path):
+    """Was: with several positives, only the last one was written in the findings panel."""
+    image = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[0]
+    auth.create_user(Store(), "rita", PASSWORD, "radiologist")
+    at = sign_in(app().run(), "rita")
+    nih = next(e for e in list_models()[0] if e.name == "nih14-efficientnet-lite0")
+    at = at.selectbox(key="analyze_model_Chest X-ray").set_value(nih).run()
+    for label in ("Cardiomegaly", "Effusion", "Atelectasis"):
+        next(s for s in at.slider if s.label == label).set_value(0.0)
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/png")
+    assert not at.exception
+    lines = [m.value.split("**")[1] for m in at.markdown if re.match(r"\*\*\w+\*\*: \d", m.value)]
+    assert {"Cardiomegaly", "Effusion", "Atelectasis"} <= set(lines)
+    assert lines == Store().history(username="rita")[0].findings
 
 
 def test_threshold_slider_re_decides(medai_home: Path):
