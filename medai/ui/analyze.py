@@ -175,10 +175,13 @@ def _thresholds(predictor: Predictor) -> dict[str, float]:
 def _select(analyses: list[Analysis], thresholds: dict[str, float]) -> Analysis:
     if len(analyses) == 1:
         return analyses[0]
-    rows = [{"file": a.file_name, "findings": f"REFUSED: {a.verdict.reason}" if a.refused else
-             ", ".join(r["finding"] for r in decide(a.labels, a.prediction.probabilities, thresholds)
-                       if r["positive"]) or "none",
-             "top probability": None if a.refused else max(a.prediction.probabilities)} for a in analyses]
+    rows = []
+    for a in analyses:  # "top finding": the most probable finding (a negative class such as NORMAL is none)
+        decided = [] if a.refused else decide(a.labels, a.prediction.probabilities, thresholds)
+        top = max(decided, key=lambda r: r["probability"], default=None)
+        rows.append({"file": a.file_name, "findings": f"REFUSED: {a.verdict.reason}" if a.refused else
+                     ", ".join(r["finding"] for r in decided if r["positive"]) or "none",
+                     "top finding": f"{top['finding']} {top['probability']:.2f}" if top else None})
     st.subheader(f"{len(analyses)} images")
     # keyed by the upload set: a selection made in another set (files since removed) is never reused
     upload_set = hashlib.sha256("|".join(f"{a.image_sha256}:{a.file_name}" for a in analyses).encode()).hexdigest()
