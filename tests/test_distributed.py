@@ -94,6 +94,7 @@ def test_two_gloo_processes_train_on_disjoint_shards_and_agree_with_one_process(
     assert not list(run_dir.glob("*.tmp*"))
 
 
+@pytest.mark.slow  # ~80 s; `make test` keeps the one-process cancel/resume (tests/test_jobs.py) and 2-process training
 @pytest.mark.timeout(400)
 def test_a_distributed_run_cancels_on_every_rank_and_resumes_on_two_processes(tmp_path, medai_home):
     # AMP (bf16 autocast on CPU) and channels-last run the same under DDP; SyncBatchNorm is CUDA-only
