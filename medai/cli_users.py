@@ -11,11 +11,10 @@ import argparse
 import getpass
 import json
 import sys
-import time
 
 from medai import auth
 from medai.errors import MedaiError
-from medai.store import Store
+from medai.store import Store, local_time
 
 ACTOR = "cli"
 
@@ -60,10 +59,6 @@ def _read_password(from_stdin: bool) -> str:
     return first
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "never"
-
-
 def run(args: argparse.Namespace) -> int:
     store = Store()
     command = args.users_command
@@ -71,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'username':<24}{'role':<14}{'state':<10}last sign-in")
         for user in store.list_users():
             state = "disabled" if user.disabled else "active"
-            print(f"{user.username:<24}{user.role:<14}{state:<10}{_when(user.last_login)}")
+            print(f"{user.username:<24}{user.role:<14}{state:<10}{local_time(user.last_login)}")
     elif command == "add":
         auth.create_user(store, args.username, _read_password(args.password_stdin), args.role, actor=ACTOR)
         print(f"created {args.username} ({args.role})")
@@ -86,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"new password set for {args.username}")
     elif command == "audit":
         for entry in store.audit_log(args.limit, args.action):
-            print(f"{_when(entry['ts'])}  {entry['username'] or '-':<20}{entry['action']:<16}{json.dumps(entry['detail'])}")
+            print(f"{local_time(entry['ts'])}  {entry['username'] or '-':<20}{entry['action']:<16}{json.dumps(entry['detail'])}")
     return 0
 
 
@@ -101,9 +96,9 @@ def run_tokens(args: argparse.Namespace) -> int:
     elif command == "list":
         print(f"{'id':<6}{'user':<20}{'label':<28}{'prefix':<14}{'created':<18}{'last used':<18}state")
         for t in store.tokens(args.user):
-            state = f"revoked {_when(t['revoked_at'])}" if t["revoked_at"] else "active"
+            state = f"revoked {local_time(t['revoked_at'])}" if t["revoked_at"] else "active"
             print(f"{t['id']:<6}{t['username']:<20}{t['label'][:27]:<28}{t['prefix'] + '...':<14}"
-                  f"{_when(t['created_at']):<18}{_when(t['last_used']):<18}{state}")
+                  f"{local_time(t['created_at']):<18}{local_time(t['last_used']):<18}{state}")
     elif command == "revoke":
         auth.revoke_api_token(store, args.token_id, actor=ACTOR)
         print(f"token {args.token_id} revoked")

@@ -114,6 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
 DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False}
 
 
+def local_time(ts: float | None, seconds: bool = False) -> str:
+    """A stored timestamp as the server's local time for people ("never" for none)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "never"
+
+
 def db_path() -> Path:
     return Path(os.environ.get("MEDAI_DB", medai_home() / "data" / "medai.db")).expanduser()
 

@@ -12,13 +12,9 @@ from medai.analysis import analyze_and_explain
 from medai.catalog import ModelEntry, list_models
 from medai.data.io import decode_image
 from medai.explain.overlay import render_overlay
-from medai.store import Store, User
+from medai.store import Store, User, local_time
 from medai.ui import viewer
 from medai.ui.widgets import cached_predictor, plain, probability_chart
-
-
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _model_for(entry) -> ModelEntry | None:
@@ -80,7 +76,7 @@ def render_history(user: User) -> None:
     if not entries:
         st.info("No analyses match these filters.")
         return
-    rows = [{"id": e.id, "time": _when(e.ts), "user": e.username, "model": e.model, "file": e.file_name,
+    rows = [{"id": e.id, "time": local_time(e.ts, seconds=True), "user": e.username, "model": e.model, "file": e.file_name,
              "findings": "REFUSED (not analysed)" if e.result.get("status") == "refused" else
              ", ".join(e.findings) or "none", "image sha256": e.image_sha256[:12]} for e in entries]
     event = st.dataframe(rows, hide_index=True, on_select="rerun", selection_mode="single-row", key="history_table")
@@ -90,7 +86,7 @@ def render_history(user: User) -> None:
                         format_func=lambda i: next(f"#{r['id']} {r['time']} {r['file']}" for r in rows if r["id"] == i))
     entry = entries[ids.index(pick)]
     st.subheader(f"#{entry.id}: {plain(entry.file_name)}")
-    st.caption(f"{_when(entry.ts)} by {plain(entry.username)} with {plain(entry.model)} "
+    st.caption(f"{local_time(entry.ts, seconds=True)} by {plain(entry.username)} with {plain(entry.model)} "
                f"(model sha256 {entry.model_sha256[:12]})")
     if entry.result.get("status") == "refused":
         st.error(plain(entry.result.get("refusal", "Refused by the input gate.")), icon=":material/block:")

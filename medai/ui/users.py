@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import streamlit as st
 
 from medai import auth
 from medai.audit import AuditAction, describe
 from medai.errors import MedaiError
-from medai.store import Store, User
-
-
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "never"
+from medai.store import Store, User, local_time
 
 
 FLASH = "users_flash"
@@ -33,7 +27,7 @@ def _act(done: str, action, *args) -> None:
 
 def _lock_state(db: Store, user: User) -> str:
     until = auth.locked_until(db, user.username)
-    return f"locked until {_when(until)}" if until else ""
+    return f"locked until {local_time(until)}" if until else ""
 
 
 def _create_form(db: Store, admin: User) -> None:
@@ -86,9 +80,9 @@ def _tokens_section(db: Store, admin: User, users: list[User]) -> None:
     if not tokens:
         return
     st.dataframe([{"id": t["id"], "user": t["username"], "label": t["label"], "token": t["prefix"] + "...",
-                   "created by": t["created_by"], "created": _when(t["created_at"]),
-                   "last used": _when(t["last_used"]),
-                   "state": f"revoked {_when(t['revoked_at'])}" if t["revoked_at"] else "active"}
+                   "created by": t["created_by"], "created": local_time(t["created_at"]),
+                   "last used": local_time(t["last_used"]),
+                   "state": f"revoked {local_time(t['revoked_at'])}" if t["revoked_at"] else "active"}
                   for t in tokens], hide_index=True)
     active = [t for t in tokens if not t["revoked_at"]]
     if active:
@@ -106,8 +100,8 @@ def render_users(admin: User) -> None:
     db = Store()
     users = db.list_users()
     st.dataframe([{"username": u.username, "role": u.role, "state": "disabled" if u.disabled else "active",
-                   "sign-in lock": _lock_state(db, u), "created": _when(u.created_at),
-                   "last sign-in": _when(u.last_login)} for u in users], hide_index=True)
+                   "sign-in lock": _lock_state(db, u), "created": local_time(u.created_at),
+                   "last sign-in": local_time(u.last_login)} for u in users], hide_index=True)
     _create_form(db, admin)
     _manage_form(db, admin, users)
     st.divider()
@@ -122,5 +116,5 @@ def render_users(admin: User) -> None:
     st.markdown("**Audit log**")
     action = st.selectbox("Action", ["all", *sorted(a.value for a in AuditAction)])
     log = db.audit_log(500, None if action == "all" else action)
-    st.dataframe([{"time": _when(e["ts"]), "user": e["username"], "action": e["action"],
+    st.dataframe([{"time": local_time(e["ts"]), "user": e["username"], "action": e["action"],
                    "detail": describe(e["detail"])} for e in log], hide_index=True)
