@@ -55,6 +55,24 @@ def test_ct_values_are_hounsfield_units_with_the_standard_windows():
     assert scale.window_u8(scale.presets["Lung (HU)"])[hu == -600].tolist()[0] in (127, 128)
 
 
+def test_a_colour_dicom_is_decoded_and_windowed_in_grey_levels():
+    """A colour (RGB) DICOM has no stored grey values: it decodes, and the viewer uses its grey levels."""
+    import pydicom
+
+    ds = pydicom.dcmread(need("dicom/siim_cxr_pa_mono2.dcm"))
+    ds.decompress()
+    grey = ds.pixel_array.astype(np.uint8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=-1).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    image = decode_image(buf.getvalue())
+    assert image.values is None and image.pixels.shape == grey.shape
+    scale = image_scale(image)
+    assert scale.unit == "grey level" and scale.high == 255.0 and not scale.dark_is_high
+
+
 def test_a_jpeg_is_windowed_in_grey_levels():
     image = decode_image(sorted(need("kermany-pneumonia/val/NORMAL").glob("*.jpeg"))[0])
     scale = image_scale(image)

@@ -303,10 +303,9 @@ def _interpret_dicom(ds: Any, label: str, limits: DecodeLimits) -> DecodedImage:
     notes: list[str] = []
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (RGB / YBR converted by pydicom)
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        windowed = False
+        values, windowed = None, False  # no stored grey values: a viewer windows the decoded grey levels
     elif arr.ndim != 2:
         raise CorruptImageError(f"{label}: unexpected DICOM pixel array shape {arr.shape}")
-        values = None
     else:
         values, arr, windowed = _apply_luts(arr, ds, notes)
     arr = _minmax(np.asarray(arr, dtype=np.float32))
