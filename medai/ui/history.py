@@ -34,10 +34,14 @@ def _image_and_heatmap(entry, pixels: bytes) -> None:
     view_key = f"history-{entry.id}"
     size = (image.meta.width, image.meta.height)
     stored = np.round(image.pixels * 255).astype(np.uint8)
+
+    def show(*heatmap: tuple[str, np.ndarray]) -> None:
+        viewer.show([("Stored image", stored), *heatmap], size, view_key, "stored image")
+
     model = _model_for(entry)
     findings = [r["finding"] for r in entry.result.get("results", [])]
     if model is None or not findings:
-        viewer.show([("Stored image", stored)], size, view_key, "stored image")
+        show()
         if model is None:
             st.caption(f"No heatmap: the model {plain(entry.model)} with sha256 {entry.model_sha256[:12]} is no "
                        "longer installed.")
@@ -46,17 +50,17 @@ def _image_and_heatmap(entry, pixels: bytes) -> None:
     finding = st.selectbox("Heatmap of", ["none (image only)", *findings],
                            index=1 + findings.index(positives[0]) if positives else 0, key=f"history_heat_{entry.id}")
     if finding not in findings:
-        viewer.show([("Stored image", stored)], size, view_key, "stored image")
+        show()
         return
     with st.spinner(f"Heatmap for {finding}..."):
         analysis, exp = analyze_and_explain(cached_predictor(model), model.name, pixels, entry.file_name, [finding])
     if exp is None:  # the stored 8-bit image is refused by today's input gate
-        viewer.show([("Stored image", stored)], size, view_key, "stored image")
+        show()
         st.caption(f"No heatmap: {plain(analysis.verdict.reason)}.")
         return
     overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], 0.45, exp.anatomy)
     caption = f"{exp.method} heatmap for {finding} (recomputed from the stored image)"
-    viewer.show([("Stored image", stored), (caption, overlay)], size, view_key, "stored image")
+    show((caption, overlay))
     st.caption(caption)
 
 

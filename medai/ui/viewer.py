@@ -105,10 +105,11 @@ def window_controls(image: DecodedImage, key: str) -> tuple[ImageScale, Window, 
     c1.selectbox("Window preset", [*names, "custom"], key=preset_key, on_change=apply_preset,
                  help="Film presets follow this film's own brightness range; CT presets are in HU")
     unit = scale.unit
-    level = c2.slider(f"Level ({unit})", scale.low, scale.high, step=scale.step, key=level_key,
-                      on_change=lambda: st.session_state.__setitem__(preset_key, "custom"))
-    width = c3.slider(f"Width ({unit})", scale.step, 2 * span, step=scale.step, key=width_key,
-                      on_change=lambda: st.session_state.__setitem__(preset_key, "custom"))
+    def moved() -> None:
+        st.session_state[preset_key] = "custom"
+
+    level = c2.slider(f"Level ({unit})", scale.low, scale.high, step=scale.step, key=level_key, on_change=moved)
+    width = c3.slider(f"Width ({unit})", scale.step, 2 * span, step=scale.step, key=width_key, on_change=moved)
     invert = c4.checkbox("Invert", key=f"wl_invert_{key}")
     return scale, Window(float(level), float(width)), invert
 
