@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medai import runs
 from medai.errors import MedaiError
 from medai.models.checkpoint import read_card
 from medai.paths import SHIPPED_MODELS_DIR, medai_home, runs_dir
@@ -33,13 +33,6 @@ class ModelEntry:
                 "labels": ", ".join(self.card["labels"]), "val AUROC": self.val_auroc}
 
 
-def _finished(run: Path) -> bool:
-    try:
-        return json.loads((run / "status.json").read_text()).get("state") == "finished"
-    except (OSError, ValueError):
-        return False
-
-
 def list_models(include_runs: bool = True) -> tuple[list[ModelEntry], list[str]]:
     """All readable checkpoints (shipped first, then by name) and one message per unreadable file."""
     found: list[tuple[str, Path, str]] = []
@@ -47,8 +40,8 @@ def list_models(include_runs: bool = True) -> tuple[list[ModelEntry], list[str]]
         if folder.is_dir():
             found += [(p.stem, p, source) for p in sorted(folder.glob("*.safetensors"))]
     if include_runs and runs_dir().is_dir():
-        found += [(run.name, run / "best.safetensors", "run") for run in sorted(runs_dir().iterdir())
-                  if (run / "best.safetensors").is_file() and _finished(run)]
+        found += [(run.name, run / runs.BEST_WEIGHTS, "run") for run in sorted(runs_dir().iterdir())
+                  if runs.is_finished(run)]
     entries, problems, seen = [], [], set()
     for name, path, source in found:
         if path.resolve() in seen:

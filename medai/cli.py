@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--resume", metavar="RUN", help="continue a run (id or folder) from its last epoch")
+    t.add_argument("--start", metavar="RUN", help="train a run folder created (queued) earlier, from epoch 0")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="train data-parallel on N local processes (one per GPU; CPU processes use gloo) by "
@@ -113,12 +114,12 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from medai.config import load_config
     from medai.training.callbacks import ProgressBar
-    from medai.training.trainer import resume, train
-
+    from medai import runs
     from medai.training import distributed
+    from medai.training.trainer import resume, start, train
 
-    if not args.config and not args.resume:
-        raise MedaiError("train needs --config FILE (or --resume RUN)")
+    if sum(map(bool, (args.config, args.resume, args.start))) != 1:
+        raise MedaiError("train needs one of --config FILE, --resume RUN or --start RUN")
     if not distributed.under_torchrun():
         launch = _torchrun_launch(args)
         if launch:
@@ -127,15 +128,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0
             os.execv(launch[0], launch)  # same pid: the job system keeps tracking the run
     callbacks = [] if args.no_progress else [ProgressBar()]
-    if args.resume:
-        run_dir = resume(args.resume, callbacks)
+    if args.resume or args.start:
+        run_dir = (resume if args.resume else start)(args.resume or args.start, callbacks)
     else:
         run_dir = train(load_config(args.config, args.overrides), callbacks)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the run
-    status = json.loads((run_dir / "status.json").read_text())
-    print(f"run {run_dir.name}: {status['state']} (best val AUROC {status.get('best_val_auroc')}) -> {run_dir}")
-    return 0 if status["state"] == "finished" else 3
+    status = runs.read_status(run_dir)
+    print(f"run {run_dir.name}: {status.get('state')} (best val AUROC {status.get('best_val_auroc')}) -> {run_dir}")
+    return 0 if status.get("state") == runs.FINISHED else 3
 
 
 def _torchrun_launch(args: argparse.Namespace) -> list[str] | None:
@@ -143,18 +144,18 @@ def _torchrun_launch(args: argparse.Namespace) -> list[str] | None:
     this machine; None for a single process (unless --print-command asks to see it anyway)."""
     from medai.config import load_config
     from medai.training import distributed
-    from medai.training.amp import resolve_device
-    from medai.training.trainer import find_run
+    from medai.precision import resolve_device
+    from medai.runs import find_run, load_run_config
 
     forwarded = ["train"]
-    if args.resume:
-        run_dir = find_run(args.resume)
-        cfg = load_config(run_dir / "config.yaml")
+    if args.resume or args.start:
+        run_dir = find_run(args.resume or args.start)
+        cfg = load_run_config(run_dir)
         nproc = cfg.train.nproc_per_node
         if args.nproc_per_node and args.nproc_per_node != nproc:
             raise MedaiError(f"run {run_dir.name} was started on {nproc} process(es); a resume must use the "
                              "same number (the effective batch and step count depend on it)")
-        forwarded += ["--resume", str(run_dir)]
+        forwarded += ["--resume" if args.resume else "--start", str(run_dir)]
     else:
         overrides = list(args.overrides)
         if args.nproc_per_node:

@@ -9,7 +9,6 @@ reproduces them exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medai import runs
 from medai.atomic import write_text
 from medai.config import ExperimentConfig, load_config
 from medai.errors import MedaiError
@@ -24,7 +24,6 @@ from medai.evaluation.metrics import auroc_per_class
 from medai.evaluation.runner import evaluate_checkpoint
 from medai.models.checkpoint import load_checkpoint, save_checkpoint
 from medai.paths import SHIPPED_MODELS_DIR, resolve_data_path, runs_dir
-from medai.training.callbacks import read_progress
 
 NOT_FOR_DIAGNOSIS = ("Research and decision-support use by trained readers only; not a medical device and not "
                      "for diagnosis.")
@@ -57,8 +56,8 @@ def _dataset_info(root: str) -> dict[str, str]:
 
 
 def _training_facts(run_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
-    epochs = [r for r in read_progress(run_dir / "progress.jsonl") if r.get("type") == "epoch"]
-    status = json.loads((run_dir / "status.json").read_text())
+    epochs = runs.epoch_records(run_dir)
+    status = runs.read_status(run_dir)
     return {"run_id": run_dir.name, "epochs_run": len(epochs), "best_epoch": status.get("best_epoch"),
             "time_s": round(sum(r.get("epoch_time_s", 0.0) for r in epochs), 1),
             "images_per_s": round(float(np.median([r["images_per_s"] for r in epochs])), 1) if epochs else None,

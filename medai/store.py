@@ -332,7 +332,7 @@ class Store:
         return bytes(row[0]) if row and row[0] is not None else None
 
     # ---- training job registry -------------------------------------------------------------
-    def add_run(self, run_id: str, username: str, run_dir: str, device: str, state: str = "queued") -> None:
+    def add_run(self, run_id: str, username: str, run_dir: str, device: str, state: str) -> None:
         now = time.time()
         with self.connect() as conn:
             conn.execute("INSERT INTO runs (run_id, username, run_dir, device, state, created_at, updated_at) "

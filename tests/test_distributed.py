@@ -20,10 +20,11 @@ from medai.evaluation.calibration import probs_from_logits
 from medai.evaluation.metrics import quick_scores
 from medai.models.checkpoint import load_checkpoint, read_card
 from medai.training import distributed
-from medai.training.amp import resolve_precision
-from medai.training.callbacks import read_progress
-from medai.training.loop import predict_loader
-from medai.training.trainer import CANCEL_FILE, Trainer
+from medai.precision import resolve_precision
+from medai.runs import read_progress
+from medai.evaluation.predict import predict_loader
+from medai.runs import CANCEL_FILE
+from medai.training.trainer import Trainer
 from tests.conftest import ROOT, need, run_cli, tiny_config
 
 N_IMAGES = 97  # odd: one image per epoch falls off so that the two shards stay disjoint and equal
@@ -36,7 +37,7 @@ def nih_config(tmp_path: Path, **train) -> Path:
 
 
 def epochs(run_dir: Path) -> list[dict]:
-    return [r for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    return [r for r in read_progress(run_dir) if r["type"] == "epoch"]
 
 
 def run_of(stdout: str) -> Path:

@@ -14,8 +14,8 @@ from medai.catalog import list_models
 from medai.config import load_config
 from medai.errors import ConfigError, MedaiError
 from medai.store import Store
-from medai.training import jobs
-from medai.training.callbacks import read_progress
+from medai import jobs
+from medai.runs import read_progress
 from tests.conftest import need, tiny_config
 
 
@@ -64,7 +64,7 @@ def test_one_job_per_device_at_a_time_and_queued_cancel(tmp_path: Path):
 
 def test_cancel_then_resume_continues_from_the_last_epoch(tmp_path: Path):
     job = jobs.submit(mnist_job_config(tmp_path, epochs=4), "res1")
-    progress = job.run_dir / "progress.jsonl"
+    progress = job.run_dir
     deadline = time.monotonic() + 180
     while not any(r["type"] == "epoch" for r in read_progress(progress)) and time.monotonic() < deadline:
         time.sleep(0.3)

@@ -18,10 +18,12 @@ from medai.config import load_config
 from medai.errors import ConfigError
 from medai.models import create_model
 from medai.models.checkpoint import read_card
-from medai.training.amp import resolve_precision
-from medai.training.callbacks import Callback, read_progress
+from medai.precision import resolve_precision
+from medai.runs import read_progress
+from medai.training.callbacks import Callback
 from medai.training.loop import EarlyStopping
-from medai.training.trainer import CANCEL_FILE, Trainer, new_run_dir, resume, train
+from medai.runs import CANCEL_FILE, new_run as new_run_dir
+from medai.training.trainer import Trainer, resume, train
 from tests.conftest import ROOT, need, run_cli, tiny_config
 
 MNIST_LABELS = ["normal", "pneumonia"]
@@ -35,7 +37,7 @@ def mnist_config(tmp_path: Path, **train_overrides):
 
 
 def epochs_of(run_dir: Path) -> list[int]:
-    return [r["epoch"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    return [r["epoch"] for r in read_progress(run_dir) if r["type"] == "epoch"]
 
 
 def test_real_learning_pneumoniamnist_reaches_auroc_090():
@@ -55,7 +57,7 @@ def test_real_learning_pneumoniamnist_reaches_auroc_090():
     assert card["thresholds"]["pneumonia"] == report["per_class"]["pneumonia"]["threshold"]
     assert card["temperature"] == report["calibration"]["temperature"]
     assert card["data_summary"]["used"]["train"]["images"] == 2428
-    progress = read_progress(run_dir / "progress.jsonl")
+    progress = read_progress(run_dir)
     steps = [r for r in progress if r["type"] == "step"]
     assert steps and all(k in steps[-1] for k in ("loss", "lr", "images_per_s", "eta_s"))
     assert [r["epoch"] for r in progress if r["type"] == "epoch"] == [0, 1, 2]
@@ -72,7 +74,7 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path: Path):
     run_dir = train(cfg)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["precision"] == "bf16"
-    losses = [r["loss"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"]
+    losses = [r["loss"] for r in read_progress(run_dir) if r["type"] == "step"]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     with pytest.raises(ConfigError, match="fp16 autocast needs a CUDA GPU"):
         resolve_precision("fp16", torch.device("cpu"))
@@ -99,7 +101,7 @@ def test_two_stage_trains_the_head_first_then_everything(tmp_path: Path):
     head = "classifier.3.weight"
     assert torch.equal(stage1[stem], initial[stem]) and not torch.equal(stage1[head], initial[head])
     assert not torch.equal(stage2[stem], stage1[stem])
-    lrs = {r["epoch"]: r["lr"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"}
+    lrs = {r["epoch"]: r["lr"] for r in read_progress(run_dir) if r["type"] == "step"}
     assert lrs[1] < 0.2 * cfg.train.lr
 
 
@@ -114,7 +116,7 @@ def test_early_stopping_rule():
 def test_run_stops_at_the_first_epoch_that_exhausts_patience(tmp_path: Path):
     cfg = mnist_config(tmp_path, epochs=6, early_stopping_patience=1, early_stopping_min_delta=0.002, lr=3e-3)
     run_dir = train(cfg)
-    epochs = [r for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    epochs = [r for r in read_progress(run_dir) if r["type"] == "epoch"]
     first_bad = next((r["epoch"] for r in epochs if not r["improved"]), None)
     assert epochs[-1]["epoch"] == (5 if first_bad is None else first_bad)
     status = json.loads((run_dir / "status.json").read_text())
@@ -151,7 +153,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
     while time.time() < deadline and proc.poll() is None:
         runs_now = [d for d in runs.iterdir() if d != ref_dir]
         if runs_now:
-            records = read_progress(runs_now[0] / "progress.jsonl")
+            records = read_progress(runs_now[0])
             if any(r["type"] == "step" and r["epoch"] == 1 for r in records):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -167,7 +169,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
     resumed = run_cli("train", "--resume", run_dir.name, "--no-progress", check=True)
     assert "finished" in resumed.stdout
     assert epochs_of(run_dir) == [0, 1, 2]
-    steps = [r["step"] for r in read_progress(run_dir / "progress.jsonl") if r["type"] == "step"]
+    steps = [r["step"] for r in read_progress(run_dir) if r["type"] == "step"]
     assert steps == sorted(set(steps)) and steps[-1] == 3 * 30
     a, b = load_file(str(ref_dir / "best.safetensors")), load_file(str(run_dir / "best.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

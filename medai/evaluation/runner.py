@@ -15,8 +15,8 @@ from medai.data.transforms import PreprocessSpec
 from medai.errors import MedaiError
 from medai.evaluation.report import evaluate_logits
 from medai.models.checkpoint import LoadedCheckpoint
-from medai.training.amp import resolve_device, resolve_precision
-from medai.training.loop import predict_loader
+from medai.precision import resolve_device, resolve_precision
+from medai.evaluation.predict import predict_loader
 
 
 @dataclass

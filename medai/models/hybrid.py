@@ -107,7 +107,7 @@ class HybridCNNTransformer(MedaiModel):
         return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
-@register_model("hybrid_cnn_transformer")
+@register_model("hybrid_cnn_transformer", sized=True)
 def hybrid_cnn_transformer(num_classes: int, **kwargs) -> HybridCNNTransformer:
     if "stem_channels" in kwargs:
         kwargs["stem_channels"] = tuple(kwargs["stem_channels"])

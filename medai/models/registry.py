@@ -16,6 +16,7 @@ from torch import nn
 from medai.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., "MedaiModel"]] = {}
+_SIZED: set[str] = set()  # architectures whose layers depend on the input size (position embeddings)
 
 
 class MedaiModel(nn.Module):
@@ -64,13 +65,24 @@ class MedaiModel(nn.Module):
     uses_token_grid: bool = False  # True when cam_reshape_transform must be passed to pytorch-grad-cam
 
 
-def register_model(name: str) -> Callable:
+def register_model(name: str, sized: bool = False) -> Callable:
+    """``sized``: the factory takes ``image_size`` (e.g. a transformer's position embeddings)."""
     def wrap(fn: Callable[..., MedaiModel]) -> Callable[..., MedaiModel]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn
+        if sized:
+            _SIZED.add(name)
         return fn
     return wrap
+
+
+def model_kwargs(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """``kwargs`` with the input size filled in for architectures that are built for one."""
+    out = dict(kwargs)
+    if name in _SIZED:
+        out.setdefault("image_size", image_size)
+    return out
 
 
 def list_models() -> list[str]:

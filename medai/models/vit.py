@@ -53,4 +53,4 @@ class MedaiViT(MedaiModel):
 
 
 for _size in VIT_SIZES:
-    register_model(f"vit_{_size}")(lambda num_classes, _s=_size, **kw: MedaiViT(num_classes, size=_s, **kw))
+    register_model(f"vit_{_size}", sized=True)(lambda num_classes, _s=_size, **kw: MedaiViT(num_classes, size=_s, **kw))

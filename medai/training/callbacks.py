@@ -1,21 +1,14 @@
-"""Callbacks feed progress to files and screens; the loop itself never prints.
-
-A run folder holds ``progress.jsonl`` (one JSON object per logged step and per epoch) and
-``status.json`` (state, pid, heartbeat), both readable by a UI in another process.
-"""
+"""Callbacks feed progress to the run folder (:mod:`medai.runs`) and to screens; the loop never prints."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from medai.atomic import write_json, write_text
-
-STATES = ("queued", "running", "finished", "failed", "cancelled")
+from medai import runs
 
 
 class Callback:
@@ -26,44 +19,23 @@ class Callback:
 
 
 class ProgressFile(Callback):
-    """Appends each record as one JSON line (flushed at once so readers see it)."""
+    """Appends each record to the run's progress file."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        runs.append_progress(self.run_dir, record)
 
     on_step = _append
     on_epoch = _append
 
 
-def read_progress(path: Path) -> list[dict[str, Any]]:
-    """Progress records; a torn last line (process killed mid-write) is ignored."""
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def truncate_progress(path: Path, before_epoch: int) -> None:
-    """Keep only records of epochs before ``before_epoch`` (used on resume: no duplicated epoch)."""
-    kept = [r for r in read_progress(path) if r.get("epoch", 0) < before_epoch]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
 class StatusFile(Callback):
-    """Keeps ``status.json`` current; a background thread refreshes the heartbeat."""
+    """Keeps the run's status current; a background thread refreshes the heartbeat."""
 
-    def __init__(self, path: Path, heartbeat_s: float = 5.0):
-        self.path = path
+    def __init__(self, run_dir: Path, heartbeat_s: float = 5.0):
+        self.run_dir = run_dir
         self.heartbeat_s = heartbeat_s
         self.status: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -74,14 +46,14 @@ class StatusFile(Callback):
         with self._lock:
             self.status.update(fields)
             self.status["heartbeat"] = time.time()
-            write_json(self.path, self.status)
+            runs.write_status(self.run_dir, self.status)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             self.update()
 
     def on_train_start(self, info: dict[str, Any]) -> None:
-        self.update(state="running", pid=os.getpid(), started_at=time.time(), **info)
+        self.update(state=runs.RUNNING, pid=os.getpid(), started_at=time.time(), **info)
         self._thread = threading.Thread(target=self._beat, name="medai-heartbeat", daemon=True)
         self._thread.start()
 

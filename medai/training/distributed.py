@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -172,3 +173,33 @@ def check_nproc(nproc: int, device: torch.device) -> None:
     if device.type == "cpu" and nproc > (os.cpu_count() or 1):
         raise ConfigError(f"config key 'train.nproc_per_node': {nproc} CPU processes on "
                           f"{os.cpu_count()} cores would only contend; use at most {os.cpu_count()}")
+
+
+def gather_predictions(preds: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
+    """Every rank's share of the validation predictions (each took every world_size-th image), merged
+    back into dataset order, on every rank."""
+    parts = gather(preds, ctx)
+    n = sum(len(p["ids"]) for p in parts)
+    merged: dict[str, Any] = {"loss": sum(p["loss"] * len(p["ids"]) for p in parts) / max(n, 1)}
+    for key in ("logits", "targets"):
+        merged[key] = np.stack(interleave([list(p[key]) for p in parts]))
+    for key in ("ids", "patients"):
+        merged[key] = interleave([p[key] for p in parts])
+    return merged
+
+
+def rank_report(model: torch.nn.Module, seen: list[str], loss: float, ctx: DistContext) -> dict[str, Any]:
+    """What each rank trained on this epoch and a check that all ranks hold the same weights."""
+    mine = {"images": len(seen), "order": ids_digest(seen), "ids": seen, "weights": weights_digest(model),
+            "loss": loss}
+    ranks = gather(mine, ctx)
+    digests = {r["weights"] for r in ranks}
+    if len(digests) != 1:
+        raise RuntimeError(f"processes hold different weights after the epoch ({len(digests)} versions); "
+                           "distributed training diverged")
+    id_sets = [set(r["ids"]) for r in ranks]
+    return {"world_size": ctx.world_size, "weights_digest": digests.pop(),
+            "train_loss": float(np.mean([r["loss"] for r in ranks])),  # equal shards: the global mean
+            "shards": [{"rank": i, "images": r["images"], "order": r["order"], "train_loss": r["loss"]}
+                       for i, r in enumerate(ranks)],
+            "shards_overlap": sum(len(s) for s in id_sets) - len(set.union(*id_sets))}

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medai.config import TrainConfig
-from medai.training.amp import Precision
+from medai.precision import Precision
 
 
 def make_loss(kind: str, train_targets: np.ndarray, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -155,25 +155,3 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             on_step({"type": "step", "epoch": epoch, "step": clock.step, "loss": loss.item(), "lr": lr,
                      "images_per_s": clock.images_per_s(), "eta_s": clock.eta_s(), "time": time.time()})
     return {"loss": total_loss / max(count, 1)}
-
-
-@torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader, prec: Precision, channels_last: bool = False,
-                   loss_fn: nn.Module | None = None) -> dict[str, object]:
-    """Logits, targets and ids over a loader (no augmentation, no gradients)."""
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    logits, targets, ids, patients, loss_sum = [], [], [], [], 0.0
-    for images, target, batch_ids, batch_patients in loader:
-        images = images.to(prec.device, memory_format=memory_format)
-        with prec.autocast():
-            out = model(images).float()
-        if loss_fn is not None:
-            loss_sum += loss_fn(out, target.to(prec.device)).item() * len(images)
-        logits.append(out.cpu().numpy())
-        targets.append(target.numpy())
-        ids.extend(batch_ids)
-        patients.extend(batch_patients)
-    n = sum(len(t) for t in targets)
-    return {"logits": np.concatenate(logits), "targets": np.concatenate(targets), "ids": ids,
-            "patients": patients, "loss": loss_sum / max(n, 1)}

@@ -14,8 +14,7 @@ from medai.models.pretrained import weight_source
 from medai.models.registry import list_models
 from medai.paths import PROJECT_ROOT, data_dir, medai_home
 from medai.store import User
-from medai.training import jobs
-from medai.training.callbacks import read_progress
+from medai import jobs, runs
 from medai.ui.session import session_expired
 
 REFRESH_S = 2.0
@@ -174,13 +173,13 @@ def curves(records: list[dict]) -> go.Figure:
 def _controls(job: jobs.Job, user: User) -> None:
     c1, c2, c3 = st.columns([1, 1, 2])
     try:
-        if job.state in ("queued", "running") and c1.button("Cancel", key=f"cancel_{job.run_id}"):
+        if job.state in runs.ACTIVE_STATES and c1.button("Cancel", key=f"cancel_{job.run_id}"):
             jobs.cancel(job.run_id, user.username)
             st.rerun()
-        if job.state in ("cancelled", "failed") and c2.button("Resume", key=f"resume_{job.run_id}"):
+        if job.state in runs.RESUMABLE_STATES and c2.button("Resume", key=f"resume_{job.run_id}"):
             jobs.resume(job.run_id, user.username)
             st.rerun()
-        if job.status.get("state") == "finished" and not job.registered_as:
+        if job.status.get("state") == runs.FINISHED and not job.registered_as:
             with c3.form(f"register_{job.run_id}"):
                 name = st.text_input("Model name", value=job.run_id.rsplit("-", 3)[0])
                 if st.form_submit_button("Register as model"):
@@ -208,7 +207,7 @@ def _run_panel(run_id: str, user: User) -> None:
     cols[1].metric("epoch", f"{(status.get('epoch') or 0) + (job.state == 'finished')}/{status.get('epochs', '?')}")
     cols[2].metric("best val AUROC", f"{best:.4f}" if isinstance(best, float) else "-")
     eta = status.get("eta_s")
-    cols[3].metric("ETA", f"{eta / 60:.1f} min" if job.state == "running" and eta else "-")
+    cols[3].metric("ETA", f"{eta / 60:.1f} min" if job.state == runs.RUNNING and eta else "-")
     st.progress(job.progress)
     if status.get("message"):
         st.caption(status["message"])
@@ -216,14 +215,14 @@ def _run_panel(run_id: str, user: User) -> None:
         st.caption(f"Data-parallel on {status['world_size']} processes ({status.get('device')}); images/s "
                    "counts all of them.")
     _controls(job, user)
-    st.plotly_chart(curves(read_progress(job.run_dir / "progress.jsonl")), key=f"curves_{run_id}")
-    with st.expander("Log", expanded=job.state == "failed"):
+    st.plotly_chart(curves(runs.read_progress(job.run_dir)), key=f"curves_{run_id}")
+    with st.expander("Log", expanded=job.state == runs.FAILED):
         st.code(status.get("log_tail") or jobs.log_tail(job.run_dir) or "(empty)")
 
 
 def job_rows(job_list: list[jobs.Job]) -> list[dict]:
     return [{"run": j.run_id, "state": j.state, "by": j.username,
-             "progress": round(100 * (1.0 if j.status.get("state") == "finished" else j.progress)),
+             "progress": round(100 * (1.0 if j.status.get("state") == runs.FINISHED else j.progress)),
              "best val AUROC": j.status.get("best_val_auroc"),
              "started": dt.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M"),
              "model": j.registered_as or ""} for j in job_list]

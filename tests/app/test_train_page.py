@@ -13,8 +13,8 @@ from medai import auth
 from medai.catalog import list_models
 from medai.models.checkpoint import read_card
 from medai.store import Store
-from medai.training import jobs
-from medai.training.callbacks import read_progress
+from medai import jobs
+from medai.runs import read_progress
 from tests.app.test_dashboard import PASSWORD, ROOT, app, page_as, sign_in
 from tests.conftest import need
 
@@ -112,7 +112,7 @@ def test_a_multi_gpu_machine_launches_a_data_parallel_run(medai_home: Path, monk
     assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
     at = rerun_until(at, "finished")
     run = jobs.list_jobs()[0]
-    records = [r for r in read_progress(run.run_dir / "progress.jsonl") if r["type"] == "epoch"]
+    records = [r for r in read_progress(run.run_dir) if r["type"] == "epoch"]
     assert records and records[0]["world_size"] == 2 and records[0]["shards_overlap"] == 0
     assert read_card(run.run_dir / "best.safetensors")["distributed"]["lr_scaling"] == "linear"
     assert any("Data-parallel on 2 processes" in c.value for c in at.caption)

@@ -1,15 +1,14 @@
-"""Training jobs started from the dashboard: each is its own OS process (``python -m medai train --resume
-<run folder>``), so it outlives page reloads, other sessions and a dashboard restart.
+"""Training jobs started from the dashboard: each is its own OS process (``python -m medai train --start
+<run folder>``, or ``--resume`` once it has trained an epoch), so it outlives page reloads, other sessions and a dashboard restart.
 
-The registry lives in the store (``runs`` table); the truth about a run is its folder (``status.json``,
-``progress.jsonl``, ``train.log``). :func:`refresh` reconciles the two and starts queued jobs while their
+The registry lives in the store (``runs`` table); the truth about a run is its folder (:mod:`medai.runs`).
+:func:`refresh` reconciles the two and starts queued jobs while their
 device has a free slot (``MEDAI_RUNS_PER_DEVICE``, default 1). A job whose process has died without
 finishing (stale heartbeat, no process) is marked ``failed`` with the tail of its log.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,16 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medai.atomic import atomic_path, write_json
+from medai import runs
+from medai.atomic import atomic_path
 from medai.config import ExperimentConfig
 from medai.errors import ConfigError, MedaiError
 from medai.paths import PROJECT_ROOT, env_number, medai_home, resolve_data_path
+from medai.runs import CANCELLED, FAILED, FINAL_STATES, QUEUED, RESUMABLE_STATES, RUNNING, log_tail
 from medai.store import Store
-from medai.training.trainer import CANCEL_FILE, new_run_dir
 
-FINAL_STATES = ("finished", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "running")
-PROCESS_LOG = "process.log"
+__all__ = ["Job", "cancel", "get_job", "list_jobs", "log_tail", "refresh", "register", "resume", "submit"]
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,17 +59,10 @@ class Job:
         return min(1.0, (self.status.get("step") or 0) / total) if total else 0.0
 
 
-def _read_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _job(row: dict[str, Any]) -> Job:
     run_dir = Path(row["run_dir"])
     return Job(row["run_id"], row["username"], run_dir, row["device"], row["state"], row["pid"],
-               row["created_at"], row["registered_as"], _read_status(run_dir))
+               row["created_at"], row["registered_as"], runs.read_status(run_dir))
 
 
 def device_of(cfg: ExperimentConfig) -> str:
@@ -86,7 +77,7 @@ def check_launchable(cfg: ExperimentConfig) -> None:
     """Refuse, with a reason, what would fail in the job process anyway."""
     from medai.models.pretrained import weight_source
     from medai.models.registry import list_models
-    from medai.training.amp import resolve_device, resolve_precision
+    from medai.precision import resolve_device, resolve_precision
     from medai.training.distributed import check_nproc
 
     if not RUN_NAME.match(cfg.name):
@@ -108,9 +99,8 @@ def submit(cfg: ExperimentConfig, username: str, store: Store | None = None) -> 
     """Queue a new run (validated first) and start it if its device is free."""
     store = store or Store()
     check_launchable(cfg)
-    run_dir = new_run_dir(cfg)
-    write_json(run_dir / "status.json", {"state": "queued", "run_id": run_dir.name, "queued_at": time.time()})
-    store.add_run(run_dir.name, username, str(run_dir), device_of(cfg))
+    run_dir = runs.new_run(cfg)
+    store.add_run(run_dir.name, username, str(run_dir), device_of(cfg), QUEUED)
     store.audit(username, "training_launch", run_id=run_dir.name, name=cfg.name, architecture=cfg.model.name,
                 data=cfg.data.root, epochs=cfg.train.epochs)
     refresh(store)
@@ -151,28 +141,17 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def log_tail(run_dir: Path, lines: int = 30) -> str:
-    """The last lines of the run's own log and of its process output (tracebacks land there)."""
-    parts = []
-    for name in ("train.log", PROCESS_LOG):
-        path = run_dir / name
-        if path.is_file():
-            text = path.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {name} ---\n" + "\n".join(text))
-    return "\n".join(parts)
-
-
 def _mark_failed(store: Store, job: Job, message: str) -> None:
-    status = {**job.status, "state": "failed", "finished_at": time.time(), "message": message,
+    status = {**job.status, "state": FAILED, "finished_at": time.time(), "message": message,
               "log_tail": log_tail(job.run_dir)}
-    write_json(job.run_dir / "status.json", status)
-    store.update_run(job.run_id, state="failed")
+    runs.write_status(job.run_dir, status)
+    store.update_run(job.run_id, state=FAILED)
 
 
 def refresh(store: Store | None = None) -> None:
     """Reconcile running jobs with their folders, detect dead processes, start queued jobs."""
     store = store or Store()
-    for row in store.runs(("running",)):
+    for row in store.runs((RUNNING,)):
         job = _job(row)
         state = job.status.get("state")
         if state in FINAL_STATES:
@@ -181,7 +160,7 @@ def refresh(store: Store | None = None) -> None:
             continue
         beat = job.status.get("heartbeat") or row["updated_at"]
         stale = time.time() - beat > stale_after_s()
-        if not _alive(job.pid) and (stale or state != "running"):
+        if not _alive(job.pid) and (stale or state != RUNNING):
             _mark_failed(store, job, f"the training process (pid {job.pid}) ended without finishing")
         elif stale and time.time() - beat > 10 * stale_after_s():
             _mark_failed(store, job, f"no heartbeat for {time.time() - beat:.0f} s; the process looks hung")
@@ -190,9 +169,9 @@ def refresh(store: Store | None = None) -> None:
 
 def _start_queued(store: Store) -> None:
     busy: dict[str, int] = {}
-    for row in store.runs(("running",)):
+    for row in store.runs((RUNNING,)):
         busy[row["device"]] = busy.get(row["device"], 0) + 1
-    for row in store.runs(("queued",)):
+    for row in store.runs((QUEUED,)):
         if busy.get(row["device"], 0) >= runs_per_device():
             continue
         _spawn(store, _job(row))
@@ -200,12 +179,12 @@ def _start_queued(store: Store) -> None:
 
 
 def _spawn(store: Store, job: Job) -> None:
-    with open(job.run_dir / PROCESS_LOG, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "medai", "train", "--resume", str(job.run_dir),
-                                 "--no-progress"], cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+    with open(job.run_dir / runs.PROCESS_LOG, "ab") as log:
+        how = "--resume" if (job.run_dir / runs.RESUME_STATE).exists() else "--start"
+        proc = subprocess.Popen([sys.executable, "-m", "medai", "train", how, str(job.run_dir), "--no-progress"], cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    store.update_run(job.run_id, state="running", pid=proc.pid)
+    store.update_run(job.run_id, state=RUNNING, pid=proc.pid)
 
 
 def cancel(run_id: str, username: str, store: Store | None = None) -> None:
@@ -213,17 +192,14 @@ def cancel(run_id: str, username: str, store: Store | None = None) -> None:
     checkpoint and becomes ``cancelled``."""
     store = store or Store()
     job = get_job(run_id, store)
-    if job.state == "queued":
-        write_json(job.run_dir / "status.json", {**job.status, "state": "cancelled", "message": "cancelled"})
-        store.update_run(run_id, state="cancelled")
-    elif job.state == "running" and job.status.get("state") != "running":
-        # the process has not started training yet (nothing to save): stop it and say so ourselves
-        if _alive(job.pid):
+    if job.state == QUEUED or (job.state == RUNNING and job.status.get("state") != RUNNING):
+        # never started, or its process has not started training yet (nothing to save): say so ourselves
+        if job.state == RUNNING and _alive(job.pid):
             os.kill(job.pid, signal.SIGTERM)
-        write_json(job.run_dir / "status.json", {**job.status, "state": "cancelled", "message": "cancelled"})
-        store.update_run(run_id, state="cancelled")
-    elif job.state == "running":
-        (job.run_dir / CANCEL_FILE).touch()  # the trainer ends its step, saves and reports "cancelled"
+        runs.write_status(job.run_dir, {**job.status, "state": CANCELLED, "message": "cancelled"})
+        store.update_run(run_id, state=CANCELLED)
+    elif job.state == RUNNING:
+        runs.request_cancel(job.run_dir)  # the trainer ends its step, saves and reports "cancelled"
         if _alive(job.pid):
             os.kill(job.pid, signal.SIGTERM)
     else:
@@ -235,11 +211,11 @@ def resume(run_id: str, username: str, store: Store | None = None) -> None:
     """Queue a cancelled or failed job again; it continues from its last completed epoch."""
     store = store or Store()
     job = get_job(run_id, store)
-    if job.state not in ("cancelled", "failed"):
+    if job.state not in RESUMABLE_STATES:
         raise MedaiError(f"{run_id} is {job.state}; only cancelled or failed jobs can be resumed")
-    write_json(job.run_dir / "status.json", {"state": "queued", "run_id": run_id, "queued_at": time.time(),
-                                             "message": f"resume queued after {job.state}"})
-    store.update_run(run_id, state="queued", pid=None)
+    runs.write_status(job.run_dir, {"state": QUEUED, "run_id": run_id, "queued_at": time.time(),
+                                    "message": f"resume queued after {job.state}"})
+    store.update_run(run_id, state=QUEUED, pid=None)
     store.audit(username, "training_resume", run_id=run_id)
     refresh(store)
 
@@ -251,7 +227,7 @@ def register(run_id: str, name: str, username: str, store: Store | None = None) 
 
     store = store or Store()
     job = get_job(run_id, store)
-    if job.status.get("state") != "finished" or not (job.run_dir / "best.safetensors").is_file():
+    if not runs.is_finished(job.run_dir):
         raise MedaiError(f"{run_id} has not finished; only finished runs can be registered")
     if not USERNAME_RE.match(name):
         raise MedaiError("model names are 2-64 characters: letters, digits and . _ @ -")
@@ -260,7 +236,7 @@ def register(run_id: str, name: str, username: str, store: Store | None = None) 
         raise MedaiError(f"a model named {name!r} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        shutil.copyfile(job.run_dir / "best.safetensors", tmp)
+        shutil.copyfile(job.run_dir / runs.BEST_WEIGHTS, tmp)
     store.update_run(run_id, registered_as=name)
     store.audit(username, "model_registered", run_id=run_id, name=name)
     return target
