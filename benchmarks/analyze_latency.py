@@ -19,12 +19,13 @@ import torch
 
 from _common import DATA, machine, median_time, table
 from medai.api import Options, analyze_one
+from medai.imaging import DISPLAY_MAX_SIDE, display_size, resize_float, resize_heatmap
 from medai.catalog import ModelEntry
 from medai.data.io import decode_image
-from medai.data.transforms import PreprocessSpec, preprocess, resize_float
+from medai.data.transforms import PreprocessSpec, preprocess
 from medai.explain.anatomy import segment_chest
-from medai.explain.cam import compute_cams, default_method, resize_heatmap
-from medai.explain.overlay import DISPLAY_MAX_SIDE, display_size, render_overlay
+from medai.explain.cam import compute_cams
+from medai.explain.overlay import render_overlay
 from medai.inference import Predictor
 from medai.models import create_model
 from medai.models.checkpoint import new_card, read_card, save_checkpoint
@@ -51,7 +52,7 @@ def ours(predictor: Predictor, entry: ModelEntry, path: Path, repeats: int) -> d
     data = path.read_bytes()
     img = decode_image(data)
     batch = preprocess(img.pixels, predictor.spec).unsqueeze(0)
-    method = default_method(entry.card["architecture"])
+    method = predictor.model.cam_method
     small = compute_cams(predictor.model, batch, [0], method).heatmaps[0]
     heat = resize_heatmap(small, img.pixels.shape)
     anatomy = segment_chest(img.pixels, img.meta.body_part, img.meta.view, img.meta.modality)

@@ -80,7 +80,7 @@ def ctr_table(quick: bool) -> list[list]:
 
 
 def shares_table(quick: bool) -> list[list]:
-    from medai.explain.explainer import explain
+    from medai.analysis import explain_image
     from medai.inference import Predictor
 
     predictor = Predictor(ROOT / "models" / "pneumonia-hybrid.safetensors")
@@ -88,7 +88,7 @@ def shares_table(quick: bool) -> list[list]:
     inside = {m: [] for m in METHODS}
     for f in files:
         image = decode_image(f)
-        exp = explain(predictor, image, ["PNEUMONIA"])
+        exp = explain_image(predictor, image, ["PNEUMONIA"])
         heat = exp.heatmaps.small["PNEUMONIA"]
         for method in METHODS:
             a = segment_chest(image.pixels, method=method)

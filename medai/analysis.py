@@ -1,27 +1,46 @@
-"""What the Analyze page does, without Streamlit: decode an upload, predict, decide findings at chosen
-thresholds, describe confidence in words, and build the result JSON (the PDF is `medai.report`).
+"""The one door to the models for the Analyze page, the HTTP API, the CLI's predict and explain (and the
+PACS node): decode and check an upload, predict, explain a finding with a method (lazily, one at a time),
+decide findings at the reader's thresholds, render for display, record to History, and build the result
+JSON and the PDF.
 
-The page (``medai/ui/analyze.py``) only renders what these functions return.
+Below it: ``medai.inference`` (preprocessing, logits, the one ``decide``), ``medai.explain`` (heatmaps,
+anatomy), ``medai.gate`` (what a model can read). The page (``medai/ui/analyze.py``) only renders what
+these functions return.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+import numpy as np
+
 from medai import gate
 from medai.data.io import DecodedImage, read_regular_file
+from medai.explain.cam import CAM_METHODS, ExplainError
+from medai.explain.explainer import Explanation, explain
+from medai.explain.overlay import render_overlay, to_png
 from medai.gate import Verdict, refusal_message
-from medai.explain.explainer import Explanation, Findings, explain
-from medai.inference import Prediction, Predictor
+from medai.imaging import display_size, resize_float
+from medai.inference import Prediction, Predictor, decide
+from medai.report import report_pdf
+
+__all__ = ["DISCLAIMER", "HEATMAP_METHODS", "Analysis", "Explanation", "Findings", "analyze_and_explain",
+           "analyze_bytes", "analyze_path", "decide", "default_method", "display_film", "explain_image",
+           "flat_result", "overlay", "record", "refusal_message", "report_pdf", "result_dict", "to_png",
+           "update_record"]
 
 DISCLAIMER = ("Decision support for trained readers, not a diagnosis. The model was trained on public research "
               "data and can be wrong; confirm every finding on the original image.")
-BORDERLINE_MARGIN = 0.10
+HEATMAP_METHODS = list(CAM_METHODS)
+# What to explain: "all", "positive" (at the model's thresholds; the top one if none), label names, or a
+# function of the probabilities that returns names (a caller's own thresholds).
+Findings = str | list[str] | Callable[[list[float]], list[str]]
 
 
 @dataclass
@@ -75,37 +94,64 @@ def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file
     verdict = gate_verdict(predictor, image)
     if not verdict.accepted:
         return _analysis(predictor, model_name, data, file_name, image, None, verdict), None
-    exp = explain(predictor, image, findings, method)
-    prediction = Prediction(predictor.labels, list(exp.probabilities), dict(predictor.thresholds),
-                            image.meta.to_dict())
+    exp = explain_image(predictor, image, findings, method)
+    prediction = predictor.prediction(exp.probabilities, image)
     return _analysis(predictor, model_name, data, file_name, image, prediction, verdict), exp
 
 
-def confidence_band(probability: float, threshold: float) -> str:
-    """The model's output relative to the operating threshold, in words."""
-    margin = probability - threshold
-    if abs(margin) < BORDERLINE_MARGIN:
-        return "borderline"
-    if margin > 0:
-        return "likely" if margin < 0.3 else "very likely"
-    return "unlikely" if -margin < 0.3 else "very unlikely"
+def default_method(predictor: Predictor) -> str:
+    """The heatmap method the model explains with unless the reader picks another."""
+    return predictor.model.cam_method
 
 
-def decide(labels: list[str], probabilities: list[float], thresholds: dict[str, float],
-           model_thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """One row per finding (a label with a threshold: a negative class such as NORMAL is none), positives
-    first (most probable first), then the rest by probability. Each row says whether its threshold is the
-    model's operating point or the reader's own, with the model's value beside it."""
-    model_thresholds = model_thresholds or thresholds
-    rows = []
-    for lab, p in zip(labels, probabilities):
-        if lab not in thresholds:
-            continue
-        t, m = float(thresholds[lab]), float(model_thresholds.get(lab, thresholds[lab]))
-        rows.append({"finding": lab, "probability": float(p), "threshold": t, "model_threshold": m,
-                     "threshold_source": "reader" if abs(t - m) > 1e-9 else "model",
-                     "positive": bool(p >= t), "confidence": confidence_band(p, t)})
-    return sorted(rows, key=lambda r: (not r["positive"], -r["probability"]))
+def select_findings(predictor: Predictor, probabilities: list[float], findings: Findings) -> list[int]:
+    """The label indices ``findings`` names (see :data:`Findings`)."""
+    labels = predictor.labels
+    if callable(findings):
+        findings = findings(probabilities)
+    if findings == "all":
+        return list(range(len(labels)))
+    if findings == "positive":
+        rows = decide(labels, probabilities, predictor.thresholds)
+        chosen = [r["finding"] for r in rows if r["positive"]] or [r["finding"] for r in rows[:1]]
+        return [labels.index(lab) for lab in chosen] or [int(np.argmax(probabilities))]
+    unknown = [f for f in findings if f not in labels]
+    if unknown:
+        raise ExplainError(f"unknown findings {unknown}; this model knows {labels}")
+    return [labels.index(f) for f in findings]
+
+
+def explain_image(predictor: Predictor, image: DecodedImage, findings: Findings = "positive",
+                  method: str | None = None, probabilities: list[float] | None = None) -> Explanation:
+    """Heatmaps of ``findings`` with ``method`` (the model's default if None), the anatomy and the
+    attention shares. ``probabilities``: the prediction when the caller has it; without them the heatmaps'
+    own forward pass gives it (``Explanation.probabilities``): one forward pass in all."""
+    probs = list(probabilities) if probabilities is not None else []
+
+    def pick(logits: np.ndarray) -> list[int]:
+        if not probs:  # the prediction, from the same logits the heatmaps come from
+            probs.extend(float(p) for p in predictor.probabilities(logits[None])[0])
+        return select_findings(predictor, probs, findings)
+
+    exp = explain(predictor.model, predictor.batch([image]), image, pick, method or default_method(predictor),
+                  labels=predictor.labels, softmax=predictor.kind == "multiclass", model_body_part=predictor.body_part)
+    exp.probabilities, exp.thresholds = probs, dict(predictor.thresholds)
+    return exp
+
+
+def display_film(full_u8: np.ndarray) -> np.ndarray:
+    """The windowed film (uint8, original resolution) at display size, in [0, 1]: what on-screen
+    heatmaps are drawn on."""
+    return resize_float(full_u8.astype(np.float32) / 255, display_size(full_u8.shape))
+
+
+def overlay(film: np.ndarray, exp: Explanation, finding: str, opacity: float = 0.45, contours: bool = True
+            ) -> np.ndarray:
+    """RGB overlay of ``finding``'s heatmap on ``film`` ([0, 1] or uint8, any size), with the lung and
+    heart outlines when ``contours``."""
+    pixels = film.astype(np.float32) / 255 if film.dtype == np.uint8 else film
+    heat = exp.heatmaps[finding] if pixels.shape == exp.heatmaps.size else exp.heatmaps.at(finding, pixels.shape)
+    return render_overlay(pixels, heat, opacity, exp.anatomy if contours else None)
 
 
 def chest_check(predictor: Predictor, anatomy_applicable: bool, anatomy_reason: str) -> str | None:
@@ -169,3 +215,41 @@ def analyze_path(predictor: Predictor, path: str, findings: Findings | None = No
     if findings is None:
         return analyze_bytes(predictor, name, data, path), None
     return analyze_and_explain(predictor, name, data, path, findings, method)
+
+
+def _png_of(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((pixels * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def record(username: str, analysis: Analysis, card: dict[str, Any], thresholds: dict[str, float],
+           store: Any = None) -> tuple[int, dict[str, Any]]:
+    """History row and audit entry at the thresholds the reader sees: hashes, model and findings (or the
+    refusal); pixels only if the admin allows it. Returns the row's id and the stored result."""
+    from medai.store import Store
+
+    db = store or Store()
+    pixels = _png_of(analysis.image.pixels) if db.get_setting("store_pixels") else None
+    result = result_dict(analysis, thresholds, card)
+    entry_id = db.add_history(username, analysis.model_name, analysis.model_sha256, analysis.file_name,
+                              analysis.image_sha256, result["findings"], result, pixels)
+    db.audit(username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
+             findings=result["findings"], status=result["status"])
+    return entry_id, result
+
+
+def update_record(username: str, entry_id: int, analysis: Analysis, result: dict[str, Any], store: Any = None) -> None:
+    """Re-decide a History row (a changed threshold, or the explanation summary added); a threshold the
+    reader changed is audited with the findings it gives."""
+    from medai.store import Store
+
+    db = store or Store()
+    db.update_history_result(entry_id, result["findings"], result)
+    changed = {k: v for k, v in result["thresholds"].items() if v["source"] == "reader"}
+    if changed:
+        db.audit(username, "thresholds_changed", history_id=entry_id, image_sha256=analysis.image_sha256,
+                 thresholds={k: v["value"] for k, v in changed.items()}, findings=result["findings"])

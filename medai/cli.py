@@ -251,10 +251,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from medai.gate import refusal_message
 
-    from medai.analysis import analyze_path, flat_result
+    from medai.analysis import analyze_path, flat_result, overlay, to_png
     from medai.atomic import atomic_open, write_json
-    from medai.explain.anatomy import mask_at
-    from medai.explain.overlay import render_overlay, to_png
+    from medai.imaging import resize_mask
     from medai.inference import Predictor
 
     predictor = Predictor(args.checkpoint)
@@ -278,14 +277,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for label, heat in result.heatmaps.items():
             name = f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}_{result.method}.png"
             with atomic_open(out / name, "wb") as fh:
-                fh.write(to_png(render_overlay(image.pixels, heat, args.opacity, result.anatomy)))
+                fh.write(to_png(overlay(image.pixels, result, label, args.opacity)))
             report["overlays"][label] = name
         if result.anatomy.applicable:  # lung and heart masks, 0/255 at the image's size
             lungs = result.anatomy.right_lung | result.anatomy.left_lung
             for part, mask in (("lungs", lungs), ("heart", result.anatomy.heart)):
                 name = f"{stem}_{part}_mask.png"
                 with atomic_open(out / name, "wb") as fh:
-                    fh.write(to_png(mask_at(mask, image.pixels.shape).astype(np.uint8) * 255))
+                    fh.write(to_png(resize_mask(mask, image.pixels.shape).astype(np.uint8) * 255))
                 report["masks"][part] = name
         write_json(out / f"{stem}_explanation.json", report)
         ctr = result.ctr.get("ctr")

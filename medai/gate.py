@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from medai.data.io import DecodedImage
-from medai.data.transforms import resize_float
+from medai.imaging import resize_float
 from medai.errors import CheckpointError
 
 KINDS = ("chest_xray", "brain_mri", "other")

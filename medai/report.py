@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from medai.analysis import DISCLAIMER
 
 PAGE = (8.27, 11.69)  # A4, inches
 RED, GREEN, GREY = "#8a1c1c", "#225522", "#444444"
@@ -77,6 +76,21 @@ def report_pdf(result: dict[str, Any], image_u8: np.ndarray, overlays: list[tupl
     return buf.getvalue()
 
 
+def _findings_table(fig: Any, rows: list[dict[str, Any]], y: float, height: float) -> None:
+    """Every finding with its probability, threshold (whose), call and confidence; positives shaded."""
+    table_ax = fig.add_axes((0.06, y, 0.88, height))
+    table_ax.axis("off")
+    cells = [[r["finding"], f"{r['probability']:.3f}", threshold_cell(r), "POSITIVE" if r["positive"] else "-",
+              r["confidence"]] for r in rows]
+    table = table_ax.table(cellText=cells, colLabels=["Finding", "Probability", "Threshold", "Call", "Confidence"],
+                           loc="upper center", cellLoc="left", colWidths=[0.22, 0.11, 0.38, 0.11, 0.18])
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    for (row, _), cell in table.get_celld().items():
+        if row > 0 and rows[row - 1]["positive"]:
+            cell.set_facecolor("#fde8e4")
+
+
 def report_figure(result: dict[str, Any], image_u8: np.ndarray, overlays: list[tuple[str, np.ndarray]],
                   reader: str = "", study: dict[str, str] | None = None) -> Any:
     """The report page as a matplotlib Figure (``report_pdf`` saves it)."""
@@ -110,18 +124,7 @@ def report_figure(result: dict[str, Any], image_u8: np.ndarray, overlays: list[t
                 0.2 + table_height) - 0.01
     if rows:
         y -= table_height
-        table_ax = fig.add_axes((0.06, y, 0.88, table_height))
-        table_ax.axis("off")
-        cells = [[r["finding"], f"{r['probability']:.3f}", threshold_cell(r), "POSITIVE" if r["positive"] else "-",
-                  r["confidence"]] for r in rows]
-        table = table_ax.table(cellText=cells, colLabels=["Finding", "Probability", "Threshold", "Call",
-                                                          "Confidence"],
-                               loc="upper center", cellLoc="left", colWidths=[0.22, 0.11, 0.38, 0.11, 0.18])
-        table.auto_set_font_size(False)
-        table.set_fontsize(8)
-        for (row, _), cell in table.get_celld().items():
-            if row > 0 and rows[row - 1]["positive"]:
-                cell.set_facecolor("#fde8e4")
+        _findings_table(fig, rows, y, table_height)
     lines = [] if refused else [ctr_line(result)]
     if model.get("limitations"):
         lines.append(f"Limitations: {model['limitations']}")
@@ -136,5 +139,5 @@ def report_figure(result: dict[str, Any], image_u8: np.ndarray, overlays: list[t
         for spine in box.spines.values():
             spine.set_color("#999999")
     fig.text(0.06, 0.075, "Reader's signature: ______________________     Date: ____________", fontsize=8.5)
-    fig.text(0.06, 0.04, DISCLAIMER, fontsize=8.5, weight="bold", color=RED, wrap=True)
+    fig.text(0.06, 0.04, result["disclaimer"], fontsize=8.5, weight="bold", color=RED, wrap=True)
     return fig

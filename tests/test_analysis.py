@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medai.analysis import analyze_and_explain, analyze_bytes, confidence_band, decide, result_dict
+from medai.analysis import analyze_and_explain, analyze_bytes, decide, result_dict
+from medai.inference import confidence_band
 from medai.report import report_pdf
 from medai.inference import Predictor
 from medai.models import create_model

@@ -15,7 +15,7 @@ import numpy as np
 
 from medai import auth, backup
 from medai.analysis import analyze_bytes
-from medai.explain.explainer import explain
+from medai.analysis import explain_image
 from medai.inference import Predictor
 from medai.store import Store
 from tests.conftest import ROOT, need, tiny_config
@@ -27,7 +27,7 @@ def analyse(predictor: Predictor, name: str, data: bytes) -> dict:
     """What one dashboard session computes for an upload: prediction, then heatmaps for every finding with
     the anatomy breakdown (the Analyze page's work, without Streamlit)."""
     analysis = analyze_bytes(predictor, "pneumonia-hybrid", data, name)
-    exp = explain(predictor, analysis.image, "all", "gradcam", analysis.prediction.probabilities)
+    exp = explain_image(predictor, analysis.image, "all", "gradcam", analysis.prediction.probabilities)
     return {"probabilities": list(analysis.prediction.probabilities), "heatmaps": exp.heatmaps,
             "shares": exp.shares, "anatomy": exp.anatomy.applicable}
 

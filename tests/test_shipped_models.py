@@ -69,14 +69,14 @@ def test_pneumonia_models_separate_real_val_images(path: Path):
 def test_cards_name_the_body_part_and_a_brain_model_never_gets_chest_anatomy():
     from medai.data.io import decode_image
     from medai.explain.anatomy import segment_chest
-    from medai.explain.explainer import explain
+    from medai.analysis import explain_image
 
     parts = {p.stem: read_card(p)["task"].get("body_part") for p in SHIPPED}
     assert all(part == ("brain" if stem.startswith("brain") else "chest") for stem, part in parts.items()), parts
     # an MRI slice that the chest checks alone would accept (the ~2% whose head reaches the border)
     slices = sorted(need("brain-tumor-mri").rglob("*.jpg"))
     image = next(im for im in map(decode_image, slices) if segment_chest(im.pixels).applicable)
-    result = explain(Predictor(ROOT / "models" / "brain-mri-hybrid.safetensors"), image)
+    result = explain_image(Predictor(ROOT / "models" / "brain-mri-hybrid.safetensors"), image)
     assert not result.anatomy.applicable and "brain" in result.anatomy.reason and not result.shares
 
 

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from medai.imaging import file_key
 from medai.api.errors import ApiError
 from medai.catalog import ModelEntry, default_index, list_models
 from medai.data.io import DecodeLimits
@@ -45,8 +46,7 @@ class ModelPool:
         raise ApiError(404, "unknown_model", f"no model named {name!r}; GET /models lists them")
 
     def predictor(self, entry: ModelEntry) -> Predictor:
-        stat = entry.path.stat()
-        key = (str(entry.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = file_key(entry.path)
         with self._lock:  # one load at a time; later callers get the loaded model
             cached = self._loaded.get(entry.name)
             if cached is None or cached[0] != key:

@@ -16,13 +16,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from medai import __version__, auth
-from medai.analysis import analyze_and_explain, analyze_bytes, flat_result
+from medai.analysis import HEATMAP_METHODS, analyze_and_explain, analyze_bytes, flat_result, overlay, to_png
 from medai.api.errors import ApiError, medai_error
 from medai.api.guard import CHALLENGE, Caller
 from medai.catalog import ModelEntry, default_index
 from medai.errors import MedaiError
-from medai.explain.cam import CAM_METHODS
-from medai.explain.overlay import render_overlay, to_png
 from medai.inference import Predictor
 from medai.store import StoreError
 
@@ -57,7 +55,7 @@ def analyze_one(predictor: Predictor, entry: ModelEntry, data: bytes, file_name:
         if opts.heatmaps and exp:
             pixels = analysis.image.pixels
             images = {label: {"heatmap_png": _b64png((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)),
-                              "overlay_png": _b64png(render_overlay(pixels, heat, opts.opacity, exp.anatomy))}
+                              "overlay_png": _b64png(overlay(pixels, exp, label, opts.opacity))}
                       for label, heat in exp.heatmaps.items()}
     else:
         analysis = analyze_bytes(predictor, entry.name, data, file_name)
@@ -86,8 +84,8 @@ async def _read_upload(upload: UploadFile, limit: int) -> tuple[str, bytes]:
 
 
 def _options(findings: str, explain_: bool, heatmaps: bool, method: str | None, opacity: float) -> Options:
-    if method is not None and method not in CAM_METHODS:
-        raise ApiError(422, "unknown_method", f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    if method is not None and method not in HEATMAP_METHODS:
+        raise ApiError(422, "unknown_method", f"unknown CAM method {method!r}; choose one of {', '.join(HEATMAP_METHODS)}")
     parsed: str | list[str] = findings if findings in ("positive", "all") else \
         [f.strip() for f in findings.split(",") if f.strip()]
     if not parsed:
@@ -149,7 +147,7 @@ def query_options(
         findings: str = Query("positive", description="'positive', 'all' or comma-separated labels to explain"),
         explain: bool = Query(True, description="Grad-CAM, attention shares and CTR"),
         heatmaps: bool = Query(False, description="also return heatmap and overlay PNGs (base64)"),
-        method: str | None = Query(None, description=f"CAM method: {', '.join(CAM_METHODS)}"),
+        method: str | None = Query(None, description=f"CAM method: {', '.join(HEATMAP_METHODS)}"),
         opacity: float = Query(0.45, ge=0, le=1, description="overlay opacity"),
 ) -> tuple[str | None, Options]:
     return model, _options(findings, explain, heatmaps, method, opacity)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -46,15 +45,6 @@ def resize_to_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(img, dtype=np.uint8)  # a writable copy
-
-
-def resize_float(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Float HxW -> (height, width), antialiased bilinear: PIL's filter (equal to 3e-7) without copying the
-    image into PIL first, 2-3x faster on large DICOMs."""
-    if pixels.shape == tuple(size):
-        return pixels
-    src = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
-    return F.interpolate(src, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
 
 
 def to_tensor(arr: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from medai.data.transforms import resize_float
+from medai.imaging import resize_float
 
 WORK_SIZE = 256
 CTR_REFERENCE_PA = 0.5
@@ -360,7 +360,3 @@ def ctr_summary(anatomy: ChestAnatomy, view: str | None) -> dict:
             "reliable": reliable, "caveat": caveat, "note": note, **anatomy.ctr_detail}
 
 
-def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A WORK_SIZE mask resized (nearest) to (height, width)."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
-    return np.asarray(img) > 127

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 import pytorch_grad_cam.score_cam as _score_cam
 import tqdm as _tqdm
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
@@ -34,9 +33,8 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from medai.errors import MedaiError
-from medai.models.densenet import DenseNet121
+from medai.imaging import resize_heatmap
 from medai.models.registry import MedaiModel
-from medai.models.resnet import ResNet18
 
 # ScoreCAM draws a tqdm bar on stderr for every call; a server and the CLI want none.
 _score_cam.tqdm = types.SimpleNamespace(tqdm=functools.partial(_tqdm.tqdm, disable=True))
@@ -46,19 +44,10 @@ CAM_METHODS = {
     "eigencam": EigenCAM, "layercam": LayerCAM, "scorecam": ScoreCAM,
 }
 CLASS_AGNOSTIC = {"eigencam"}  # the same map for every finding
-# The class-specific method with the best ROAD faithfulness per architecture (benchmarks/cam_quality.py;
-# numbers and caveats in benchmarks/RESULTS.md). Class-agnostic EigenCAM is never a default: a default
-# must tell findings apart. ResNet-18 (the baseline) was not measured and keeps GradCAM.
-DEFAULT_METHOD = {"densenet121": "hirescam", "resnet18": "gradcam",
-                  "hybrid_cnn_transformer": "gradcam", "vit": "layercam"}
 
 
 class ExplainError(MedaiError):
     pass
-
-
-def default_method(architecture: str) -> str:
-    return DEFAULT_METHOD.get("vit" if architecture.startswith("vit_") else architecture, "gradcam")
 
 
 @dataclass
@@ -86,11 +75,8 @@ def _linear_head_gradient(model: MedaiModel, activations: torch.Tensor, classes:
                           probs: np.ndarray | None) -> dict[int, np.ndarray] | None:
     """d score_c / d A for heads that average-pool the target layer and apply one linear layer; the score
     is the logit, or with ``probs`` (softmax heads) the log-probability: W_c - sum_k p_k W_k."""
-    if isinstance(model, DenseNet121):
-        mask = (activations > 0).float()  # forward_features applies ReLU after norm5
-    elif isinstance(model, ResNet18):
-        mask = torch.ones_like(activations)
-    else:
+    mask = model.cam_linear_head_mask(activations)
+    if mask is None:
         return None
     h, w = activations.shape[-2:]
     weight = model.classifier.weight.detach().float()
@@ -136,16 +122,6 @@ def _batched_gradients(logits: torch.Tensor, layer_out: torch.Tensor, classes: l
         g = grads[i].detach()
         out[c] = (reshape(g) if reshape is not None else g).numpy()
     return out
-
-
-def resize_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize to (height, width), clipped to [0, 1]."""
-    height, width = size
-    small = np.clip(cam.astype(np.float32), 0.0, 1.0)  # clip the small map: bilinear stays within [0, 1]
-    if cam.shape == (height, width):
-        return small
-    img = Image.fromarray(small, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.float32)
 
 
 _THREAD = threading.local()

@@ -1,4 +1,5 @@
-"""One call that explains an image: probabilities, heatmaps per finding, anatomy shares and CTR."""
+"""One call that explains an image: heatmaps per finding, anatomy, attention shares and CTR (callers go
+through :mod:`medai.analysis`, which adds the prediction)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import numpy as np
 import torch
 
 from medai.data.io import DecodedImage
-from medai.data.transforms import preprocess
-from medai.evaluation.calibration import probs_from_logits
 from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
                                    shortcut_warning)
-from medai.explain.cam import ExplainError, compute_cams, default_method, resize_heatmap
-from medai.inference import Predictor, findings_at
+from medai.explain.cam import compute_cams
+from medai.imaging import resize_heatmap
+from medai.models.registry import MedaiModel
 
 
 class Heatmaps(Mapping[str, np.ndarray]):
@@ -47,11 +47,12 @@ class Heatmaps(Mapping[str, np.ndarray]):
 @dataclass
 class Explanation:
     labels: list[str]
-    probabilities: list[float]
-    thresholds: dict[str, float]
     method: str
     heatmaps: Heatmaps  # label -> H x W in [0, 1], original resolution, resized on first access
     anatomy: ChestAnatomy
+    logits: np.ndarray  # the forward pass the heatmaps come from
+    probabilities: list[float] = field(default_factory=list)  # filled by the caller (medai.analysis)
+    thresholds: dict[str, float] = field(default_factory=dict)
     shares: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
     ctr: dict[str, Any] = field(default_factory=dict)
@@ -70,57 +71,28 @@ class Explanation:
         }
 
 
-Findings = str | list[str] | Callable[[list[float]], list[str]]
+Targets = list[int] | Callable[[np.ndarray], list[int]]
 
 
-def select_findings(predictor: Predictor, probabilities: list[float], findings: Findings) -> list[int]:
-    """'all' = every label; 'positive' = those at or above threshold (the top one if none); names; or a
-    function of the probabilities that returns names (a caller's own thresholds)."""
-    labels = predictor.labels
-    if callable(findings):
-        findings = findings(probabilities)
-    if findings == "all":
-        return list(range(len(labels)))
-    if findings == "positive":
-        hits = [labels.index(lab) for lab in findings_at(labels, probabilities, predictor.thresholds)]
-        candidates = [i for i, lab in enumerate(labels) if lab in predictor.thresholds] or list(range(len(labels)))
-        return hits or [max(candidates, key=lambda i: probabilities[i])]
-    unknown = [f for f in findings if f not in labels]
-    if unknown:
-        raise ExplainError(f"unknown findings {unknown}; this model knows {labels}")
-    return [labels.index(f) for f in findings]
-
-
-def explain(predictor: Predictor, image: DecodedImage, findings: Findings = "positive",
-            method: str | None = None, probabilities: list[float] | None = None) -> Explanation:
-    """``probabilities``: the predictor's output for ``image`` when the caller already has it. Without
-    them, the heatmaps' own forward pass gives the prediction (``Explanation.probabilities``): one forward
-    pass in all, which is how the API analyses with heatmaps."""
-    method = method or default_method(predictor.ckpt.card["architecture"])
+def explain(model: MedaiModel, batch: torch.Tensor, image: DecodedImage, targets: Targets, method: str, *,
+            labels: list[str], softmax: bool = False, model_body_part: str | None = None) -> Explanation:
+    """Heatmaps of ``targets`` (class indices, or a function of the logits that picks them) for one
+    preprocessed ``batch`` of ``image``, as pytorch-grad-cam takes them (a model, its input, the targets),
+    plus the anatomy of ``image`` and where each heatmap falls on it. One forward pass: its logits are
+    returned (``Explanation.logits``) and may give the prediction."""
     timings = {}
-    batch = preprocess(image.pixels, predictor.spec).unsqueeze(0)
-    probs = list(probabilities) if probabilities is not None else []
-
-    def pick(logits: np.ndarray) -> list[int]:
-        if not probs:  # the prediction, from the same logits the heatmaps come from
-            probs.extend(float(p) for p in probs_from_logits(logits[None], predictor.kind,
-                                                             predictor.temperature)[0])
-        return select_findings(predictor, probs, findings)
     t0 = time.perf_counter()
-    cams = compute_cams(predictor.model, batch.to(predictor.device, memory_format=torch.channels_last), pick,
-                        method, softmax=predictor.kind == "multiclass")  # model-size maps
+    cams = compute_cams(model, batch, targets, method, softmax=softmax)  # model-size maps
     timings["heatmaps"] = time.perf_counter() - t0
-    classes = list(cams.heatmaps)  # in the order pick() chose them
     t0 = time.perf_counter()
-    model_part = predictor.ckpt.card.get("task", {}).get("body_part")
-    if model_part and model_part.lower() != "chest" and not image.meta.body_part:
-        anatomy = ChestAnatomy(False, f"anatomy maps apply to chest X-rays; this model reads {model_part} images")
+    if model_body_part and model_body_part.lower() != "chest" and not image.meta.body_part:
+        anatomy = ChestAnatomy(False, "anatomy maps apply to chest X-rays; this model reads "
+                                      f"{model_body_part} images")
     else:
         anatomy = segment_chest(image.pixels, image.meta.body_part, image.meta.view, image.meta.modality)
     timings["anatomy"] = time.perf_counter() - t0
-    small = {predictor.labels[c]: cams.heatmaps[c] for c in classes}
-    heatmaps = Heatmaps(small, image.pixels.shape)
-    result = Explanation(predictor.labels, probs, predictor.thresholds, method, heatmaps, anatomy,
+    small = {labels[c]: heat for c, heat in cams.heatmaps.items()}  # in the order the targets chose
+    result = Explanation(labels, method, Heatmaps(small, image.pixels.shape), anatomy, cams.logits,
                          ctr=ctr_summary(anatomy, image.meta.view), timings=timings)
     if anatomy.applicable:
         for label, heat in small.items():  # at model size: the shares are taken at the anatomy's size

@@ -7,13 +7,11 @@ import io
 import numpy as np
 from PIL import Image
 
-from medai.explain.anatomy import ChestAnatomy, mask_at
+from medai.explain.anatomy import ChestAnatomy
+from medai.imaging import resize_mask
 
 # A perceptually ordered colormap (dark blue -> cyan -> yellow -> red), as RGB control points.
 _STOPS = np.array([[0.0, 0, 0, 0.5], [0.25, 0, 0.6, 1], [0.5, 0.2, 1, 0.6], [0.75, 1, 0.9, 0], [1.0, 1, 0, 0]])
-# Overlays shown on a page are rendered at most this large (a page column is narrower); downloads are
-# rendered at the original resolution.
-DISPLAY_MAX_SIDE = 1024
 CONTOUR_COLOURS = {"right_lung": (255, 80, 80), "left_lung": (80, 160, 255), "heart": (80, 255, 120)}
 
 
@@ -72,16 +70,9 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4
     if anatomy is not None and anatomy.applicable:
         width = max(1, round(max(pixels.shape) / 400))
         for name, colour in CONTOUR_COLOURS.items():
-            mask = mask_at(getattr(anatomy, name), pixels.shape)
+            mask = resize_mask(getattr(anatomy, name), pixels.shape)
             out[mask & ~_erode(mask, width)] = colour
     return out
-
-
-def display_size(shape: tuple[int, ...], max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
-    """(height, width) of an image shown on screen: at most ``max_side`` pixels, aspect ratio kept."""
-    height, width = shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def to_png(rgb: np.ndarray) -> bytes:

@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 from torch import nn
 from torch.nn import functional as F
 
-from medai.data.transforms import resize_float
+from medai.imaging import resize_float
 from medai.errors import CheckpointError
 from medai.models.efficientnet import blocks_at_stride, build_lite
 

@@ -107,13 +107,15 @@ def read_tensors(path: str | os.PathLike, framework: str = "pt", what: str = "ch
 
 
 @functools.lru_cache(maxsize=8)
-def _loaded(loader: Callable[[Path], Any], path: str, mtime_ns: int) -> Any:
-    return loader(Path(path))
+def _loaded(loader: Callable[[Path], Any], key: tuple[str, int, int]) -> Any:
+    return loader(Path(key[0]))
 
 
 def load_cached(loader: Callable[[Path], Any], path: Path) -> Any:
-    """``loader(path)``, kept while the file is unchanged (a replaced file, new mtime, is loaded again)."""
-    return _loaded(loader, str(path), path.stat().st_mtime_ns)
+    """``loader(path)``, kept while the file is unchanged (a replaced file is loaded again)."""
+    from medai.imaging import file_key
+
+    return _loaded(loader, file_key(path))
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:

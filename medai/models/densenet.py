@@ -11,6 +11,8 @@ from medai.models.registry import MedaiModel, first_conv_to_grayscale, register_
 
 
 class DenseNet121(MedaiModel):
+    cam_method = "hirescam"
+
     def __init__(self, num_classes: int, drop_rate: float = 0.0, memory_efficient: bool = False):
         super().__init__()
         net = tv_densenet121(weights=None, drop_rate=drop_rate, memory_efficient=memory_efficient)
@@ -29,6 +31,9 @@ class DenseNet121(MedaiModel):
 
     def cam_target_layers(self) -> list[nn.Module]:
         return [self.features.norm5]
+
+    def cam_linear_head_mask(self, activations: torch.Tensor) -> torch.Tensor:
+        return (activations > 0).float()  # forward_features applies ReLU after norm5
 
 
 @register_model("densenet121")

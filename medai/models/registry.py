@@ -63,6 +63,15 @@ class MedaiModel(nn.Module):
         return activations
 
     uses_token_grid: bool = False  # True when cam_reshape_transform must be passed to pytorch-grad-cam
+    # The class-specific CAM method explained by default: the best ROAD faithfulness measured for the
+    # architecture (benchmarks/cam_quality.py, benchmarks/RESULTS.md); never the class-agnostic EigenCAM.
+    cam_method: str = "gradcam"
+
+    def cam_linear_head_mask(self, activations: torch.Tensor) -> torch.Tensor | None:
+        """For heads that average-pool the CAM target layer's output, gated elementwise by the returned
+        mask, and apply one linear layer (``classifier``): the mask, so that each finding's gradient is
+        known in closed form (no backward pass). None (the default): other heads are backpropagated."""
+        return None
 
 
 def register_model(name: str, sized: bool = False) -> Callable:

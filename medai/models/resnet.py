@@ -32,6 +32,9 @@ class ResNet18(MedaiModel):
     def cam_target_layers(self) -> list[nn.Module]:
         return [self.body.layer4[-1]]
 
+    def cam_linear_head_mask(self, activations: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(activations)  # the last block's output is pooled as it is
+
 
 @register_model("resnet18")
 def resnet18(num_classes: int, **kwargs) -> ResNet18:

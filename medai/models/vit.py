@@ -17,6 +17,7 @@ VIT_SIZES = {  # layers, heads, hidden, mlp
 
 class MedaiViT(MedaiModel):
     uses_token_grid = True
+    cam_method = "layercam"
 
     def __init__(self, num_classes: int, size: str = "tiny", image_size: int = 224, patch_size: int = 16,
                  dropout: float = 0.0, attention_dropout: float = 0.0):

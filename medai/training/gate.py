@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medai.data.io import decode_image
-from medai.data.transforms import resize_float
+from medai.imaging import resize_float
 
 Loader = Callable[[], np.ndarray]
 

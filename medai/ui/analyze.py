@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
-from PIL import Image
 
-from medai.analysis import DISCLAIMER, Analysis, analyze_and_explain, analyze_bytes, decide, result_dict
+from medai.analysis import (DISCLAIMER, HEATMAP_METHODS, Analysis, Explanation, analyze_and_explain,
+                            analyze_bytes, decide, default_method, display_film, explain_image, overlay,
+                            record, refusal_message, report_pdf, result_dict, to_png, update_record)
 from medai.catalog import ModelEntry, default_index
-from medai.data.transforms import resize_float
 from medai.errors import MedaiError
-from medai.explain.cam import CAM_METHODS, default_method
-from medai.explain.explainer import Explanation, explain
-from medai.explain.overlay import display_size, render_overlay, to_png
-from medai.inference import Predictor
-from medai.report import report_pdf
-from medai.store import Store, User
 from medai.ui import viewer
 from medai.ui.widgets import (available_models, cached_predictor, model_label, plain, probability_chart,
                               shares_chart)
 
-
+if TYPE_CHECKING:
+    from medai.inference import Predictor
+    from medai.store import User
 
 TASK_TITLES = {"chest": "Chest X-ray", "brain": "Brain MRI"}
 UPLOAD_TITLES = {"Chest X-ray": "Chest X-rays", "Brain MRI": "Brain MRI slices"}
@@ -59,7 +54,7 @@ def _method_key(predictor: Predictor, image_sha256: str) -> str:
 
 def _heatmap_method(predictor: Predictor, image_sha256: str) -> str:
     chosen = st.session_state.get(_method_key(predictor, image_sha256))
-    return chosen if chosen and chosen not in EXPENSIVE_METHODS else default_method(predictor.ckpt.card["architecture"])
+    return chosen if chosen and chosen not in EXPENSIVE_METHODS else default_method(predictor)
 
 
 def _first_heatmap(labels: list[str], thresholds: dict[str, float]) -> Callable[[list[float]], list[str]]:
@@ -106,18 +101,8 @@ def _analyses(user: User, entry: ModelEntry, predictor: Predictor, uploads: list
 def _record(user: User, analysis: Analysis, predictor: Predictor, thresholds: dict[str, float]) -> None:
     """History row and audit entry at the thresholds the reader sees: hashes, model and findings (or the
     refusal); pixels only if the admin allows it."""
-    db = Store()
-    pixels = None
-    if db.get_setting("store_pixels"):
-        buf = io.BytesIO()
-        Image.fromarray((analysis.image.pixels * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
-        pixels = buf.getvalue()
-    result = result_dict(analysis, thresholds, predictor.ckpt.card)
-    entry_id = db.add_history(user.username, analysis.model_name, analysis.model_sha256, analysis.file_name,
-                              analysis.image_sha256, result["findings"], result, pixels)
+    entry_id, result = record(user.username, analysis, predictor.ckpt.card, thresholds)
     _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result), None)
-    db.audit(user.username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
-             findings=result["findings"], status=result["status"])
 
 
 def _history_ids() -> dict[tuple, tuple[int, str, dict | None]]:
@@ -146,13 +131,8 @@ def _sync_history(user: User, analysis: Analysis, result: dict[str, Any]) -> Non
         result = {**result, "explanation": explanation}
     if stored == _signature(result):
         return
-    db = Store()
-    db.update_history_result(entry_id, result["findings"], result)
+    update_record(user.username, entry_id, analysis, result)
     _history_ids()[_analysis_key(analysis)] = (entry_id, _signature(result), result.get("explanation"))
-    changed = {k: v for k, v in result["thresholds"].items() if v["source"] == "reader"}
-    if changed:
-        db.audit(user.username, "thresholds_changed", history_id=entry_id, image_sha256=analysis.image_sha256,
-                 thresholds={k: v["value"] for k, v in changed.items()}, findings=result["findings"])
 
 
 def _thresholds(predictor: Predictor) -> dict[str, float]:
@@ -202,7 +182,7 @@ def _film(analysis: Analysis) -> tuple[np.ndarray, np.ndarray]:
         st.warning(f"DICOM: {plain(note)}; the image is shown min-max scaled instead.", icon=":material/tune:")
     scale, win, invert = viewer.window_controls(analysis.image, analysis.image_sha256[:16])
     full = scale.window_u8(win, invert)
-    return full, resize_float(full.astype(np.float32) / 255, display_size(full.shape))
+    return full, display_film(full)
 
 
 def _study_panel(analysis: Analysis) -> None:
@@ -243,7 +223,7 @@ def _explanation(predictor: Predictor, analysis: Analysis, finding: str, method:
     key = _explanation_key(predictor, analysis, finding, method)
     if key not in cache:
         with st.spinner(f"Computing {method} heatmap for {finding}..."):
-            cache[key] = explain(predictor, analysis.image, [finding], method, analysis.prediction.probabilities)
+            cache[key] = explain_image(predictor, analysis.image, [finding], method, analysis.prediction.probabilities)
     return cache[key]
 
 
@@ -270,8 +250,8 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
     resolution), only when it is asked for."""
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
     finding = c1.selectbox("Finding", [r["finding"] for r in rows], key="heat_finding")
-    methods = list(CAM_METHODS)
-    arch_default = default_method(predictor.ckpt.card["architecture"])
+    methods = HEATMAP_METHODS
+    arch_default = default_method(predictor)
     method = c2.selectbox("Method", methods, index=methods.index(arch_default),
                           key=_method_key(predictor, analysis.image_sha256),
                           format_func=lambda m: f"{m} (slow)" if m in EXPENSIVE_METHODS else m,
@@ -281,10 +261,8 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
     contours = c4.checkbox("Outline lungs and heart", value=True, key="heat_contours")
     method = _confirm_expensive(predictor, analysis, finding, method, arch_default)
     exp = _explanation(predictor, analysis, finding, method)
-    anatomy = exp.anatomy if contours else None
-    overlay = render_overlay(display, exp.heatmaps.at(finding, display.shape), opacity, anatomy)
-    return (exp, f"{method} heatmap for {finding}", overlay,
-            lambda: render_overlay(full.astype(np.float32) / 255, exp.heatmaps[finding], opacity, anatomy))
+    return (exp, f"{method} heatmap for {finding}", overlay(display, exp, finding, opacity, contours),
+            lambda: overlay(full, exp, finding, opacity, contours))
 
 
 def _anatomy_panel(exp: Explanation, finding: str) -> None:
@@ -315,8 +293,7 @@ def _positive_overlays(predictor: Predictor, analysis: Analysis, rows: list[dict
     for r in [r for r in rows if r["positive"]][:3]:
         exp = _explanation(predictor, analysis, r["finding"], method)
         out.append((f"{method} heatmap for {r['finding']}",
-                    render_overlay(display, exp.heatmaps.at(r["finding"], display.shape),
-                                   st.session_state.get("heat_opacity", 0.45), exp.anatomy)))
+                    overlay(display, exp, r["finding"], st.session_state.get("heat_opacity", 0.45))))
     return out
 
 
@@ -333,8 +310,6 @@ def _downloads(result: dict[str, Any], shown: np.ndarray, report_overlays: Calla
 
 def _refused_view(user: User, analysis: Analysis, predictor: Predictor, thresholds: dict[str, float]) -> None:
     """An image the model cannot read: the reason first and large, the image, and no probability at all."""
-    from medai.gate import refusal_message
-
     st.subheader(plain(analysis.file_name))
     st.error(plain(refusal_message(analysis.verdict)), icon=":material/block:")
     full, _display = _film(analysis)

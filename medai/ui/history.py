@@ -8,10 +8,9 @@ import json
 import numpy as np
 import streamlit as st
 
-from medai.analysis import analyze_and_explain
+from medai.analysis import analyze_and_explain, overlay
 from medai.catalog import ModelEntry, list_models
 from medai.data.io import decode_image
-from medai.explain.overlay import render_overlay
 from medai.store import Store, User, local_time
 from medai.ui import viewer
 from medai.ui.widgets import cached_predictor, plain, probability_chart
@@ -58,9 +57,8 @@ def _image_and_heatmap(entry, pixels: bytes) -> None:
         show()
         st.caption(f"No heatmap: {plain(analysis.verdict.reason)}.")
         return
-    overlay = render_overlay(analysis.image.pixels, exp.heatmaps[finding], 0.45, exp.anatomy)
     caption = f"{exp.method} heatmap for {finding} (recomputed from the stored image)"
-    show((caption, overlay))
+    show((caption, overlay(analysis.image.pixels, exp, finding)))
     st.caption(caption)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
+from medai.imaging import file_key
 from medai.catalog import ModelEntry
 from medai.config import DataConfig
 from medai.errors import MedaiError
@@ -41,8 +42,7 @@ def _data_for(entry: ModelEntry, choice: str) -> dict:
 def evaluation_for(entry: ModelEntry, choice: str, split: str) -> Evaluation:
     if entry.source == "run" and choice == OWN_VALIDATION and split == "val":
         return stored_evaluation(Path(entry.path).parent)  # what the trainer measured, no recomputation
-    stat = Path(entry.path).stat()
-    return _evaluate(str(entry.path), (stat.st_mtime_ns, stat.st_size), _data_for(entry, choice), split)
+    return _evaluate(str(entry.path), file_key(entry.path), _data_for(entry, choice), split)
 
 
 def per_class_rows(metrics: dict) -> list[dict]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
 
+from medai.imaging import file_key
 from medai.catalog import ModelEntry, list_models
 from medai.inference import Predictor
 
@@ -24,8 +24,8 @@ def plain(text: object) -> str:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading model...")
-def _predictor(path: str, _mtime_ns: int, _size: int) -> Predictor:
-    return Predictor(path)
+def _predictor(key: tuple[str, int, int]) -> Predictor:
+    return Predictor(key[0])
 
 
 def cached_predictor(entry: ModelEntry) -> Predictor:
@@ -34,8 +34,7 @@ def cached_predictor(entry: ModelEntry) -> Predictor:
     Inference runs under ``torch.inference_mode`` and heatmaps use a private copy of the model, so
     sessions sharing it cannot see each other's hooks or gradients.
     """
-    stat = Path(entry.path).stat()
-    return _predictor(str(entry.path), stat.st_mtime_ns, stat.st_size)
+    return _predictor(file_key(entry.path))
 
 
 def available_models(empty_hint: str) -> list[ModelEntry]:
