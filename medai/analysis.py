@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medai.audit import AuditAction
 from medai import gate
 from medai.data.io import DecodedImage, read_regular_file
 from medai.explain.cam import CAM_METHODS, ExplainError
@@ -237,7 +238,7 @@ def record(username: str, analysis: Analysis, card: dict[str, Any], thresholds: 
     result = result_dict(analysis, thresholds, card)
     entry_id = db.add_history(username, analysis.model_name, analysis.model_sha256, analysis.file_name,
                               analysis.image_sha256, result["findings"], result, pixels)
-    db.audit(username, "analysis", model=analysis.model_name, image_sha256=analysis.image_sha256,
+    db.audit(username, AuditAction.ANALYSIS, model=analysis.model_name, image_sha256=analysis.image_sha256,
              findings=result["findings"], status=result["status"])
     return entry_id, result
 
@@ -251,5 +252,5 @@ def update_record(username: str, entry_id: int, analysis: Analysis, result: dict
     db.update_history_result(entry_id, result["findings"], result)
     changed = {k: v for k, v in result["thresholds"].items() if v["source"] == "reader"}
     if changed:
-        db.audit(username, "thresholds_changed", history_id=entry_id, image_sha256=analysis.image_sha256,
+        db.audit(username, AuditAction.THRESHOLDS_CHANGED, history_id=entry_id, image_sha256=analysis.image_sha256,
                  thresholds={k: v["value"] for k, v in changed.items()}, findings=result["findings"])

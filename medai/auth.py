@@ -21,17 +21,15 @@ from dataclasses import dataclass
 
 import bcrypt
 
+from medai.audit import AuditAction
 from medai.errors import MedaiError
+from medai.pages import ROLES, page_access
 from medai.paths import env_number
 from medai.store import Store, User
 
-ROLES = ("admin", "researcher", "radiologist")
-# Which pages each role may open. Pages check this themselves (medai.ui.session.require_page).
-PAGE_ACCESS: dict[str, frozenset[str]] = {
-    "admin": frozenset({"analyze", "history", "models", "train", "metrics", "backup", "users"}),
-    "researcher": frozenset({"analyze", "history", "models", "train", "metrics"}),
-    "radiologist": frozenset({"analyze", "history", "models", "metrics"}),
-}
+# Which pages each role may open (from the page table). Pages check this themselves
+# (medai.ui.session.require_page).
+PAGE_ACCESS: dict[str, frozenset[str]] = page_access()
 BCRYPT_COST = 12
 BCRYPT_MAX_BYTES = 72
 MIN_PASSWORD_LENGTH = 10
@@ -104,7 +102,7 @@ def authenticate(store: Store, username: str, password: str, policy: AuthPolicy 
     name = username.strip()
     failures, locked_until = store.attempts(name)
     if locked_until > now:
-        store.audit(name, "login_locked")
+        store.audit(name, AuditAction.LOGIN_LOCKED)
         raise AuthError(LOGIN_LOCKED)
     user = store.get_user(name) if name else None
     ok = _password_matches(password, store.password_hash(name) if user else None)
@@ -112,12 +110,12 @@ def authenticate(store: Store, username: str, password: str, policy: AuthPolicy 
         failures += 1
         locked = failures >= policy.max_attempts
         store.set_attempts(name, 0 if locked else failures, now + policy.lockout_s if locked else 0.0)
-        store.audit(name, "login_failed", reason="disabled" if ok and user and user.disabled else "credentials",
+        store.audit(name, AuditAction.LOGIN_FAILED, reason="disabled" if ok and user and user.disabled else "credentials",
                     locked=locked)
         raise AuthError(LOGIN_LOCKED if locked else LOGIN_FAILED)
     store.set_attempts(user.username, 0, 0.0)
     store.update_user(user.username, last_login=now)
-    store.audit(user.username, "login_ok", role=user.role)
+    store.audit(user.username, AuditAction.LOGIN_OK, role=user.role)
     return user
 
 
@@ -133,7 +131,7 @@ def create_user(store: Store, username: str, password: str, role: str, actor: st
                                   "(starting with a letter or digit)")
     _check_role(role)
     user = store.add_user(name, hash_password(password), role)
-    store.audit(actor or name, "user_created", user=name, role=role)
+    store.audit(actor or name, AuditAction.USER_CREATED, user=name, role=role)
     return user
 
 
@@ -171,7 +169,7 @@ def set_role(store: Store, username: str, role: str, actor: str) -> None:
     if role != "admin":
         _keep_an_admin(store, user)
     store.update_user(user.username, role=role)
-    store.audit(actor, "role_changed", user=user.username, old=user.role, new=role)
+    store.audit(actor, AuditAction.ROLE_CHANGED, user=user.username, old=user.role, new=role)
 
 
 def set_disabled(store: Store, username: str, disabled: bool, actor: str) -> None:
@@ -181,7 +179,7 @@ def set_disabled(store: Store, username: str, disabled: bool, actor: str) -> Non
     store.update_user(user.username, disabled=int(disabled))
     if disabled:
         store.delete_web_sessions(username=user.username)
-    store.audit(actor, "user_disabled" if disabled else "user_enabled", user=user.username)
+    store.audit(actor, AuditAction.USER_DISABLED if disabled else "user_enabled", user=user.username)
 
 
 def locked_until(store: Store, username: str, now: float | None = None) -> float | None:
@@ -194,14 +192,14 @@ def unlock(store: Store, username: str, actor: str) -> None:
     """End a sign-in lockout (and forget the failed attempts) without touching the password."""
     user = _require_user(store, username)
     store.set_attempts(user.username, 0, 0.0)
-    store.audit(actor, "user_unlocked", user=user.username)
+    store.audit(actor, AuditAction.USER_UNLOCKED, user=user.username)
 
 
 def reset_password(store: Store, username: str, password: str, actor: str) -> None:
     user = _require_user(store, username)
     store.update_user(user.username, password_hash=hash_password(password))
     store.set_attempts(user.username, 0, 0.0)
-    store.audit(actor, "password_reset", user=user.username)
+    store.audit(actor, AuditAction.PASSWORD_RESET, user=user.username)
 
 
 # ---- dashboard sessions that survive a reload -------------------------------------------------------------
@@ -268,14 +266,14 @@ def create_api_token(store: Store, username: str, label: str, actor: str) -> tup
         raise PasswordPolicyError("a token needs a label of 1-64 characters (what it is for)")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token_id = store.add_token(user.username, label, _token_sha256(token), token[:len(TOKEN_PREFIX) + 4], actor)
-    store.audit(actor, "token_created", user=user.username, token_id=token_id, label=label)
+    store.audit(actor, AuditAction.TOKEN_CREATED, user=user.username, token_id=token_id, label=label)
     return token_id, token
 
 
 def revoke_api_token(store: Store, token_id: int, actor: str) -> None:
     if not store.update_token(token_id, revoked_at=time.time()):
         raise MedaiError(f"no API token with id {token_id}")
-    store.audit(actor, "token_revoked", token_id=token_id)
+    store.audit(actor, AuditAction.TOKEN_REVOKED, token_id=token_id)
 
 
 def user_for_token(store: Store, token: str) -> tuple[User, int]:

@@ -28,14 +28,13 @@ import tarfile
 import tempfile
 import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import medai
-from medai import atomic
+from medai.audit import AuditAction
 from medai.errors import MedaiError
 from medai.paths import medai_home
 from medai.store import MIGRATIONS, Store
@@ -161,9 +160,11 @@ def exclusive(action: str, actor: str, wait_s: float = 900.0) -> Iterator[str | 
 
 
 def create(creator: str, label: str = "", include_large: bool = False, progress: Progress | None = None) -> Path:
-    """Write and verify a new archive; returns its path. Nothing is listed unless it is complete."""
+    """Write and verify a new archive (audited); returns its path. Nothing is listed unless it is complete."""
     with exclusive("backup", creator):
-        return _create(creator, label, include_large, progress or (lambda _f, _m: None))
+        path = _create(creator, label, include_large, progress or (lambda _f, _m: None))
+    Store().audit(creator, AuditAction.BACKUP_CREATED, name=path.name)
+    return path
 
 
 def _create(creator: str, label: str, include_large: bool, progress: Progress) -> Path:
@@ -240,9 +241,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(path: str | Path) -> dict[str, Any]:
-    """Re-hash every member against the manifest; refuse unexpected, unsafe or missing members."""
-    path = Path(path)
+def verify(path: str | Path, actor: str | None = None) -> dict[str, Any]:
+    """Re-hash every member against the manifest; refuse unexpected, unsafe or missing members. With an
+    ``actor`` (someone asked for the check) the outcome is audited."""
+    try:
+        manifest = _verify(Path(path))
+    except BackupError:
+        if actor:
+            Store().audit(actor, AuditAction.BACKUP_VERIFY_FAILED, name=Path(path).name)
+        raise
+    if actor:
+        Store().audit(actor, AuditAction.BACKUP_VERIFIED, name=Path(path).name)
+    return manifest
+
+
+def _verify(path: Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     expected = {e["path"]: e for e in manifest["files"]}
     seen = set()
@@ -306,7 +319,9 @@ def resolve(name: str | Path) -> Path:
 
 def delete(name: str | Path, actor: str = "admin") -> None:
     with exclusive("delete", actor):
-        resolve(name).unlink()
+        path = resolve(name)
+        path.unlink()
+    Store().audit(actor, AuditAction.BACKUP_DELETED, name=path.name)
 
 
 def prune(keep_last: int | None = None, max_age_days: float | None = None, actor: str = "admin") -> list[Path]:
@@ -315,7 +330,9 @@ def prune(keep_last: int | None = None, max_age_days: float | None = None, actor
     if keep_last is None and max_age_days is None:
         raise BackupError("prune needs keep_last and/or max_age_days")
     with exclusive("prune", actor):
-        return _prune(keep_last, max_age_days)
+        removed = _prune(keep_last, max_age_days)
+    Store().audit(actor, AuditAction.BACKUP_PRUNED, names=[p.name for p in removed])
+    return removed
 
 
 def _prune(keep_last: int | None, max_age_days: float | None) -> list[Path]:
@@ -329,88 +346,6 @@ def _prune(keep_last: int | None, max_age_days: float | None) -> list[Path]:
     return removed
 
 
-def _extract(path: Path, manifest: dict[str, Any], staging: Path) -> None:
-    """Write the verified members under ``staging`` only (names were checked by :func:`verify`)."""
-    with tarfile.open(path, "r:gz") as tar:
-        for member in tar:
-            if member.name == MANIFEST:
-                continue
-            target = (staging / member.name).resolve()
-            if staging.resolve() not in target.parents:
-                raise BackupError(f"member {member.name!r} would land outside the staging folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
-                shutil.copyfileobj(src, dst)
-
-
-def _check_db(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    try:
-        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise BackupError(f"the backup's database is unreadable ({exc})") from None
-    finally:
-        conn.close()
-    if result != "ok":
-        raise BackupError(f"the backup's database fails its integrity check: {result}")
-    if version > len(MIGRATIONS):
-        raise BackupError(f"the backup's database has schema {version}, newer than this MedAI; upgrade first")
-
-
-JOURNAL = ".restore-journal.json"
-
-
-def _swap_folders(staging: Path, home: Path, old: Path) -> None:
-    """Rename each restored folder into place, moving the current one under ``old``; on an error put every
-    original back (a kill -9 is undone by :func:`recover_interrupted` from the journal)."""
-    old.mkdir()
-    try:
-        for folder in FOLDERS:
-            if (home / folder).exists():
-                os.replace(home / folder, old / folder)
-            if (staging / folder).exists():
-                os.replace(staging / folder, home / folder)
-            else:
-                (home / folder).mkdir()
-    except BaseException:
-        _roll_back(old, home)
-        raise
-
-
-def _roll_back(old: Path, home: Path) -> None:
-    """Put the folders saved under ``old`` back in place of whatever a restore had moved in."""
-    for folder in FOLDERS:
-        if (old / folder).exists():
-            if (home / folder).exists():
-                shutil.rmtree(home / folder)
-            os.replace(old / folder, home / folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_interrupted() -> str | None:
-    """Finish or undo a restore that a killed process left half done, and clear other leftovers of killed
-    backups. Called when the dashboard, the API or the CLI starts (cheap when there is nothing to do).
-    Returns what was done, which is also written to the audit log (action ``restore_interrupted``)."""
-    if not (medai_home() / JOURNAL).exists():
-        return None
-    try:
-        with exclusive("recovery", "medai", wait_s=0) as found:  # its own restore may still be running
-            return found
-    except BackupError:
-        return None
-
-
-def _database_copied(restore_id: Any) -> bool:
-    if not isinstance(restore_id, str):
-        return False
-    try:
-        applied = Store().audit_log(limit=20, action="restore_applied")
-    except MedaiError:
-        return False
-    return any(e["detail"].get("restore_id") == restore_id for e in applied)
-
-
 def _clear_leftovers() -> str | None:
     """With the lock held nobody else is writing: partial archives and snapshots are a killed process's
     leftovers, and a restore journal is an interrupted restore."""
@@ -419,90 +354,13 @@ def _clear_leftovers() -> str | None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
-    return _recover_locked()
+    from medai.restore import recover_locked
+
+    return recover_locked()
 
 
-def _recover_locked() -> str | None:
-    home = medai_home()
-    journal_path = home / JOURNAL
-    if not journal_path.exists():
-        return None
-    try:
-        journal = json.loads(journal_path.read_text())
-        old = home / PurePosixPath(str(journal["old"])).name
-    except (OSError, ValueError, KeyError, TypeError):
-        journal, old = {}, None
-    archive, actor = journal.get("archive", "?"), journal.get("actor")
-    if journal.get("phase") == "done" or _database_copied(journal.get("restore_id")):
-        # the restored database had committed, so the folders were all in place: only clean-up was left
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        message = (f"the restore of {archive} had completed when its process stopped; its clean-up was "
-                   "finished now")
-    else:
-        for candidate in [old] if old is not None else sorted(home.glob(".restore-old-*")):
-            if candidate.is_dir():
-                _roll_back(candidate, home)
-        message = (f"the restore of {archive} was interrupted before it completed; models, configs, results "
-                   f"and the database were put back as they were before it"
-                   f"{' (also kept in ' + journal['pre_restore'] + ')' if journal.get('pre_restore') else ''}")
-    for leftover in home.glob(".restore-staging-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    journal_path.unlink(missing_ok=True)
-    Store().audit(actor, "restore_interrupted", archive=archive, outcome=message)
-    return message
+# Restoring lives in medai.restore; it is offered here too, beside the archives it restores.
+from medai.restore import JOURNAL, recover_interrupted, restore  # noqa: E402
 
-
-def restore(name: str | Path, actor: str, progress: Progress | None = None) -> Path:
-    """Restore an archive; returns the automatic pre-restore backup taken first."""
-    with exclusive("restore", actor):
-        return _restore(name, actor, progress or (lambda _f, _m: None))
-
-
-def _restore(name: str | Path, actor: str, progress: Progress) -> Path:
-    path = resolve(name)
-    progress(0.0, "verifying the archive")
-    manifest = verify(path)
-    progress(0.2, "taking a pre-restore backup")
-    safety = create(actor, label="pre-restore")
-    home = medai_home()
-    with tempfile.TemporaryDirectory(dir=home, prefix=".restore-staging-") as tmp:
-        staging = Path(tmp)
-        progress(0.5, "extracting into a staging folder")
-        _extract(path, manifest, staging)
-        db = staging / DB_MEMBER
-        if not db.is_file():
-            raise BackupError(f"{path.name} holds no database")
-        _check_db(db)
-        # a row that arrives in the live database only if the database copy below commits, so that a
-        # recovery after kill -9 can tell whether the restore reached its end
-        restore_id = uuid.uuid4().hex
-        Store(db).audit(actor, "restore_applied", archive=path.name, restore_id=restore_id)
-        progress(0.8, "swapping in the restored files")
-        old = home / f".restore-old-{os.getpid()}-{int(time.time())}"
-        journal = {"archive": path.name, "actor": actor, "old": old.name, "pre_restore": safety.name,
-                   "restore_id": restore_id,
-                   "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "phase": "swap"}
-        atomic.write_json(home / JOURNAL, journal)  # from here on a kill -9 is undone at the next start
-        try:
-            _swap_folders(staging, home, old)  # puts the originals back itself if a rename fails
-        except OSError as exc:
-            (home / JOURNAL).unlink()
-            raise BackupError(f"restore failed and nothing was changed: {exc.strerror or exc}") from None
-        try:
-            src, dst = sqlite3.connect(db), sqlite3.connect(Store().path)
-            try:
-                src.backup(dst)  # page by page in one transaction: all or nothing, safe for open connections
-            finally:
-                dst.close()
-                src.close()
-        except (OSError, sqlite3.Error) as exc:
-            _roll_back(old, home)  # if this fails too, the journal stays and the next start finishes it
-            (home / JOURNAL).unlink()
-            raise BackupError(f"restore failed and nothing was changed: the database could not be replaced "
-                              f"({exc})") from None
-        atomic.write_json(home / JOURNAL, {**journal, "phase": "done"})
-        shutil.rmtree(old, ignore_errors=True)
-        (home / JOURNAL).unlink()
-    progress(1.0, "done")
-    return safety
+__all__ = ["BackupError", "BackupInfo", "JOURNAL", "create", "delete", "exclusive", "list_backups", "prune",
+           "read_manifest", "recover_interrupted", "resolve", "restore", "verify"]

@@ -1,4 +1,4 @@
-"""Training jobs started from the dashboard: each is its own OS process (``python -m medai train --start
+"""Training jobs started from the dashboard: each is its own OS process (``python -m medai train --queued
 <run folder>``, or ``--resume`` once it has trained an epoch), so it outlives page reloads, other sessions and a dashboard restart.
 
 The registry lives in the store (``runs`` table); the truth about a run is its folder (:mod:`medai.runs`).
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medai.audit import AuditAction
 from medai import runs
 from medai.atomic import atomic_path
 from medai.config import ExperimentConfig
@@ -76,7 +77,7 @@ def device_of(cfg: ExperimentConfig) -> str:
 def check_launchable(cfg: ExperimentConfig) -> None:
     """Refuse, with a reason, what would fail in the job process anyway."""
     from medai.models.pretrained import weight_source
-    from medai.models.registry import list_models
+    from medai.models.registry import architectures
     from medai.precision import resolve_device, resolve_precision
     from medai.training.distributed import check_nproc
 
@@ -84,8 +85,8 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"run name {cfg.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if not resolve_data_path(cfg.data.root).exists():
         raise ConfigError(f"dataset {cfg.data.root!r} was not found under {resolve_data_path('.')}")
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"unknown architecture {cfg.model.name!r}; available: {', '.join(list_models())}")
+    if cfg.model.name not in architectures():
+        raise ConfigError(f"unknown architecture {cfg.model.name!r}; available: {', '.join(architectures())}")
     named = weight_source(cfg.model.pretrained)
     if named is not None:
         named.path()  # a missing package is refused here, with what to install
@@ -101,7 +102,7 @@ def submit(cfg: ExperimentConfig, username: str, store: Store | None = None) -> 
     check_launchable(cfg)
     run_dir = runs.new_run(cfg)
     store.add_run(run_dir.name, username, str(run_dir), device_of(cfg), QUEUED)
-    store.audit(username, "training_launch", run_id=run_dir.name, name=cfg.name, architecture=cfg.model.name,
+    store.audit(username, AuditAction.TRAINING_LAUNCH, run_id=run_dir.name, name=cfg.name, architecture=cfg.model.name,
                 data=cfg.data.root, epochs=cfg.train.epochs)
     refresh(store)
     return get_job(run_dir.name, store)
@@ -180,7 +181,7 @@ def _start_queued(store: Store) -> None:
 
 def _spawn(store: Store, job: Job) -> None:
     with open(job.run_dir / runs.PROCESS_LOG, "ab") as log:
-        how = "--resume" if (job.run_dir / runs.RESUME_STATE).exists() else "--start"
+        how = "--resume" if (job.run_dir / runs.RESUME_STATE).exists() else "--queued"
         proc = subprocess.Popen([sys.executable, "-m", "medai", "train", how, str(job.run_dir), "--no-progress"], cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -204,7 +205,7 @@ def cancel(run_id: str, username: str, store: Store | None = None) -> None:
             os.kill(job.pid, signal.SIGTERM)
     else:
         raise MedaiError(f"{run_id} is {job.state}; only queued or running jobs can be cancelled")
-    store.audit(username, "training_cancel", run_id=run_id)
+    store.audit(username, AuditAction.TRAINING_CANCEL, run_id=run_id)
 
 
 def resume(run_id: str, username: str, store: Store | None = None) -> None:
@@ -216,7 +217,7 @@ def resume(run_id: str, username: str, store: Store | None = None) -> None:
     runs.write_status(job.run_dir, {"state": QUEUED, "run_id": run_id, "queued_at": time.time(),
                                     "message": f"resume queued after {job.state}"})
     store.update_run(run_id, state=QUEUED, pid=None)
-    store.audit(username, "training_resume", run_id=run_id)
+    store.audit(username, AuditAction.TRAINING_RESUME, run_id=run_id)
     refresh(store)
 
 
@@ -238,5 +239,5 @@ def register(run_id: str, name: str, username: str, store: Store | None = None) 
     with atomic_path(target) as tmp:
         shutil.copyfile(job.run_dir / runs.BEST_WEIGHTS, tmp)
     store.update_run(run_id, registered_as=name)
-    store.audit(username, "model_registered", run_id=run_id, name=name)
+    store.audit(username, AuditAction.MODEL_REGISTERED, run_id=run_id, name=name)
     return target

@@ -149,6 +149,19 @@ def test_the_cli_prints_the_exact_torchrun_command(tmp_path):
     assert too_many.returncode == 2 and "cores would only contend" in too_many.stderr
 
 
+@pytest.mark.parametrize("medai_args", [["train", "--queued", "results/runs/r1", "--no-progress"],
+                                        ["train", "--resume", "results/runs/r1"],
+                                        ["train", "--config", "c.yaml", "--set", "train.epochs=3"]])
+def test_torchrun_hands_every_forwarded_train_command_to_medai_unchanged(medai_args):
+    """torchrun's own parser sees the forwarded flags too: one that abbreviates a torchrun option
+    (``--start`` for ``--start-method``, ``--run`` for ``--run-path``) is refused as ambiguous."""
+    from torch.distributed.run import get_args_parser
+
+    command = distributed.torchrun_command(2, medai_args)
+    parsed = get_args_parser().parse_args(command[command.index("--standalone"):])
+    assert parsed.module and parsed.training_script == "medai" and parsed.training_script_args == medai_args
+
+
 def test_sharding_helpers():
     items = list(range(11))
     parts = [items[r::3] for r in range(3)]

@@ -80,7 +80,7 @@ KILLER = textwrap.dedent("""
             if obj.get("phase") == "done":
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_write(path, obj)
-        backup.atomic.write_json = write_json
+        atomic.write_json = write_json
     backup.restore(sys.argv[1], "admin1")
 """)
 

@@ -51,7 +51,8 @@ def test_linear_window_matches_pydicom(center, width):
     follows both); other VOI functions and malformed windows are left to pydicom."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    from medai.data.io import _linear_window, _minmax
+    from medai.data.dicom import _linear_window
+    from medai.data.io import _minmax
 
     for row in dicom_rows():
         ds = pydicom.dcmread(need(f"dicom/{row['file']}"))

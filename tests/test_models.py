@@ -13,7 +13,7 @@ from medai.config import DataConfig
 from medai.data.datasets import XrayDataset, load_records
 from medai.data.transforms import PreprocessSpec
 from medai.errors import CheckpointError, ConfigError, PretrainedWeightsError
-from medai.models import create_model, list_models
+from medai.models import create_model, architectures
 from medai.models.checkpoint import load_checkpoint, new_card, read_card, save_checkpoint
 from tests.conftest import need
 
@@ -35,7 +35,7 @@ def build(name: str, n: int = 2, seed: int = 0) -> nn.Module:
 
 
 def test_registry_lists_all_families():
-    assert {"hybrid_cnn_transformer", "vit_tiny", "vit_small", "vit_base", "densenet121", "resnet18"} <= set(list_models())
+    assert {"hybrid_cnn_transformer", "vit_tiny", "vit_small", "vit_base", "densenet121", "resnet18"} <= set(architectures())
     with pytest.raises(ConfigError, match="unknown model"):
         create_model("alexnet", 2)
     with pytest.raises(ConfigError, match="1-channel"):

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from medai.audit import AuditAction
 from medai import auth
 from medai.api.errors import error_response
 from medai.api.limits import RateLimiter
@@ -76,7 +77,7 @@ class FailureAudit:
 
     def _write(self, client: str, row: dict[str, Any]) -> None:
         try:
-            self.store.audit(None, "api_auth_failed", client=client, count=row["count"], codes=row["codes"],
+            self.store.audit(None, AuditAction.API_AUTH_FAILED, client=client, count=row["count"], codes=row["codes"],
                              paths=sorted(row["paths"])[:10], window_s=self.window_s)
         except StoreError as exc:
             log.error("audit entry not written: %s", exc)

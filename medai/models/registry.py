@@ -1,4 +1,4 @@
-"""``register_model`` / ``create_model`` / ``list_models`` and the surface every model shares.
+"""``register_model`` / ``create_model`` / ``architectures`` and the surface every model shares.
 
 Every model takes 1-channel input and offers ``forward``, ``forward_features``, ``forward_head``,
 ``reset_classifier``, ``head_parameters``, ``cam_target_layers`` and ``cam_reshape_transform``, so
@@ -94,7 +94,7 @@ def model_kwargs(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str
     return out
 
 
-def list_models() -> list[str]:
+def architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
@@ -103,7 +103,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str
     """Build a registered architecture. ``pretrained`` is a path to a local state dict or the key of a
     packaged weight source (:data:`medai.models.pretrained.WEIGHT_SOURCES`)."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(architectures())}")
     if in_chans != 1:
         raise ConfigError("MedAI models take 1-channel (grayscale) input; in_chans must be 1")
     try:

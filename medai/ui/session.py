@@ -12,7 +12,8 @@ import time
 
 import streamlit as st
 
-from medai import auth
+from medai.audit import AuditAction
+from medai import auth, pages
 from medai.errors import MedaiError
 from medai.store import Store, User
 
@@ -22,8 +23,6 @@ TOKEN_KEY = "medai_session_token"
 COOKIE_SENT_KEY = "medai_cookie_sent"
 CLEAR_COOKIE_KEY = "medai_clear_cookie"
 TOUCH_KEY = "medai_session_touched"  # when the server-side session was last renewed
-PAGE_TITLES = {"analyze": "Analyze", "history": "History", "train": "Train", "metrics": "Metrics",
-               "backup": "Backup", "users": "Users", "models": "Models"}
 
 
 def configure_page() -> None:
@@ -75,7 +74,7 @@ def current_user() -> User | None:
         return None
     now = time.time()
     if now - st.session_state.get(SEEN_KEY, 0.0) > auth.AuthPolicy.from_env().idle_timeout_s:
-        store().audit(name, "logout", reason="idle timeout")
+        store().audit(name, AuditAction.LOGOUT, reason="idle timeout")
         sign_out()
         st.session_state["medai_notice"] = "You were signed out after a period of inactivity."
         return None
@@ -179,8 +178,8 @@ def require_page(page: str) -> User:
         login_view()
         st.stop()
     if not auth.can_open(user.role, page):
-        store().audit(user.username, "access_denied", page=page)
-        st.error(f"Your role ({user.role}) does not give access to {PAGE_TITLES.get(page, page)}.")
+        store().audit(user.username, AuditAction.ACCESS_DENIED, page=page)
+        st.error(f"Your role ({user.role}) does not give access to {pages.title(page)}.")
         st.stop()
     return user
 
@@ -189,6 +188,6 @@ def sidebar_account(user: User) -> None:
     with st.sidebar:
         st.caption(f"Signed in as **{user.username}** ({user.role})")
         if st.button("Sign out", icon=":material/logout:"):
-            store().audit(user.username, "logout")
+            store().audit(user.username, AuditAction.LOGOUT)
             sign_out()
             st.rerun()

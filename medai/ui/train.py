@@ -11,7 +11,7 @@ from plotly.subplots import make_subplots
 from medai.config import DataConfig, load_config
 from medai.errors import MedaiError
 from medai.models.pretrained import weight_source
-from medai.models.registry import list_models
+from medai.models.registry import architectures
 from medai.paths import PROJECT_ROOT, data_dir, medai_home
 from medai.store import User
 from medai import jobs, runs
@@ -107,7 +107,7 @@ def _launch_form(user: User) -> None:
         recipe = st.selectbox("Recipe (defaults)", recipes, format_func=lambda p: p.stem, key="train_recipe")
         cfg = load_config(recipe)
         names = datasets()
-        arches = list_models()
+        arches = architectures()
         key = recipe.stem
         with st.form("launch"):
             form = {

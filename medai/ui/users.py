@@ -112,7 +112,7 @@ def render_users(admin: User) -> None:
                      value=bool(db.get_setting("store_pixels")))
     if keep != bool(db.get_setting("store_pixels")):
         db.set_setting("store_pixels", keep)
-        db.audit(admin.username, "setting_changed", key="store_pixels", value=keep)
+        db.audit(admin.username, AuditAction.SETTING_CHANGED, key="store_pixels", value=keep)
     st.markdown("**Audit log**")
     action = st.selectbox("Action", ["all", *sorted(a.value for a in AuditAction)])
     log = db.audit_log(500, None if action == "all" else action)
