@@ -44,7 +44,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX history_ts ON history(ts);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
-    # 2: the registry of training jobs started from the dashboard (medai.training.jobs)
+    # 2: the registry of training jobs started from the dashboard (medai.jobs)
     """
     CREATE TABLE runs (
         run_id TEXT PRIMARY KEY,

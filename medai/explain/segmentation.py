@@ -247,7 +247,7 @@ def to_anatomy(seg: Segmentation, prepared: np.ndarray):
 
 
 def default_path() -> Path:
-    from medai.catalog import SHIPPED_MODELS_DIR
+    from medai.paths import SHIPPED_MODELS_DIR
 
     return SHIPPED_MODELS_DIR / "anatomy" / DEFAULT_FILE
 

@@ -204,7 +204,7 @@ def _run_panel(run_id: str, user: User) -> None:
     best = status.get("best_val_auroc")
     cols = st.columns(4)
     cols[0].metric("state", job.state)
-    cols[1].metric("epoch", f"{(status.get('epoch') or 0) + (job.state == 'finished')}/{status.get('epochs', '?')}")
+    cols[1].metric("epoch", f"{(status.get('epoch') or 0) + (job.state == runs.FINISHED)}/{status.get('epochs', '?')}")
     cols[2].metric("best val AUROC", f"{best:.4f}" if isinstance(best, float) else "-")
     eta = status.get("eta_s")
     cols[3].metric("ETA", f"{eta / 60:.1f} min" if job.state == runs.RUNNING and eta else "-")
