@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all e2e bench fuzz audit setup clean-venv
+.PHONY: run test test-all e2e bench fuzz audit setup clean-venv pacs-tools
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,18 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/streamlit run dashboard.py
 
-test: $(STAMP)
+# The PACS tests' real parts (tests/orthanc.py starts its own Orthanc on free loopback ports): Debian's
+# orthanc, orthanc-dicomweb and dicom3tools (dciodvfy). The packaged service is stopped, never used.
+pacs-tools:
+	@test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so -a -x /usr/bin/dciodvfy || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    orthanc orthanc-dicomweb dicom3tools && (service orthanc stop >/dev/null 2>&1 || true); }
+
+test: $(STAMP) pacs-tools
 	$(PY) -m pytest
 
 # Everything, slow tests included (longer real training runs).
-test-all: $(STAMP)
+test-all: $(STAMP) pacs-tools
 	$(PY) -m pytest -m "slow or not slow"
 
 # Deep fuzzing: the properties of tests/test_fuzz.py with random, many more examples (FUZZ_EXAMPLES each;

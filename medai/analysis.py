@@ -228,14 +228,17 @@ def _png_of(pixels: np.ndarray) -> bytes:
 
 
 def record(username: str, analysis: Analysis, card: dict[str, Any], thresholds: dict[str, float],
-           store: Any = None) -> tuple[int, dict[str, Any]]:
+           store: Any = None, dicom_uids: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """History row and audit entry at the thresholds the reader sees: hashes, model and findings (or the
-    refusal); pixels only if the admin allows it. Returns the row's id and the stored result."""
+    refusal); pixels only if the admin allows it. ``dicom_uids`` (Study / SOP Instance UID) link a row to
+    its study in the PACS. Returns the row's id and the stored result."""
     from medai.store import Store
 
     db = store or Store()
     pixels = _png_of(analysis.image.pixels) if db.get_setting("store_pixels") else None
     result = result_dict(analysis, thresholds, card)
+    if dicom_uids:
+        result["dicom"] = dict(dicom_uids)
     entry_id = db.add_history(username, analysis.model_name, analysis.model_sha256, analysis.file_name,
                               analysis.image_sha256, result["findings"], result, pixels)
     db.audit(username, AuditAction.ANALYSIS, model=analysis.model_name, image_sha256=analysis.image_sha256,

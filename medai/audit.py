@@ -37,6 +37,12 @@ class AuditAction(StrEnum):
     TOKEN_REVOKED = "token_revoked"
     API_CALL = "api_call"
     API_AUTH_FAILED = "api_auth_failed"
+    PACS_RECEIVED = "pacs_received"
+    PACS_SKIPPED = "pacs_skipped"
+    PACS_ANALYSED = "pacs_analysed"
+    PACS_SENT = "pacs_sent"
+    PACS_SEND_FAILED = "pacs_send_failed"
+    PACS_RESEND = "pacs_resend"
 
 
 def _value(value: Any) -> str:

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from medai import cli_train, cli_trust, cli_users
+from medai import cli_pacs, cli_train, cli_trust, cli_users
 from medai.cli_train import fmt as _fmt
 from medai.errors import MedaiError
 
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list architectures and shipped checkpoints")
     cli_users.add_parser(sub)
     cli_trust.add_parser(sub)
+    cli_pacs.add_parser(sub)
     sv = sub.add_parser("serve", help="run the HTTP API (FastAPI + uvicorn)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -220,7 +221,7 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 COMMANDS = {**cli_train.COMMANDS, "predict": cmd_predict, "explain": cmd_explain,
             "models": cmd_models, "users": cli_users.run, "tokens": cli_users.run_tokens, "serve": cmd_serve,
             "backup": cmd_backup, "doctor": cmd_doctor,
-            "anatomy": cli_trust.run, "gate": cli_trust.run_gate}
+            "anatomy": cli_trust.run, "gate": cli_trust.run_gate, "pacs": cli_pacs.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,4 +85,31 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX web_sessions_user ON web_sessions(username);
     """,
+    # 5: the PACS node's durable work queue (medai.pacs.queue): one row per received SOP instance and model
+    """
+    CREATE TABLE pacs_queue (
+        id INTEGER PRIMARY KEY,
+        sop_uid TEXT NOT NULL,
+        study_uid TEXT NOT NULL,
+        series_uid TEXT NOT NULL,
+        modality TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        path TEXT,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL DEFAULT 0,
+        lease_until REAL NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        priority REAL NOT NULL DEFAULT 0,
+        findings TEXT NOT NULL DEFAULT '[]',
+        result TEXT,
+        received_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (sop_uid, model_sha256)
+    );
+    CREATE INDEX pacs_queue_state ON pacs_queue(state, next_try);
+    CREATE INDEX pacs_queue_study ON pacs_queue(study_uid);
+    """,
 )

@@ -19,7 +19,7 @@ LAYERS = {
     3: ("models",),
     4: ("training", "evaluation", "explain", "inference", "gate", "display"),
     5: ("analysis", "jobs", "backup", "restore", "auth", "shipping", "catalog", "doctor"),
-    6: ("ui", "api", "cli", "cli_train", "cli_trust", "cli_users", "__main__"),
+    6: ("ui", "api", "pacs", "cli", "cli_train", "cli_trust", "cli_users", "cli_pacs", "__main__"),
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
