@@ -43,6 +43,7 @@ class AuditAction(StrEnum):
     PACS_SENT = "pacs_sent"
     PACS_SEND_FAILED = "pacs_send_failed"
     PACS_RESEND = "pacs_resend"
+    PACS_OPENED = "pacs_opened"
 
 
 def _value(value: Any) -> str:

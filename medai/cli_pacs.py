@@ -1,6 +1,6 @@
 """``python -m medai pacs {listen,studies,analyze,queue}``: the DICOM node, DICOMweb query and
-retrieve, and the node's work queue. Settings come from the command line, else from the store's ``pacs``
-setting (the admins' settings page), else the defaults."""
+retrieve, and the node's work queue. Settings come from the command line, else from what admins set on the
+PACS page (:mod:`medai.pacs.settings`), else the defaults."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from typing import Any
 from medai.errors import MedaiError
 
 log = logging.getLogger("medai.pacs")
-DEFAULTS = {"ae_title": "MEDAI", "port": 11112, "host": "127.0.0.1", "dest_ae": "", "dest_host": "", "dest_port": 0,
-            "stow_url": "", "dicomweb_url": "", "model": None}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,15 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--json", action="store_true")
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    from medai.store import Store
-
-    stored = Store().get_setting("pacs") or {}
-    merged = {k: stored.get(k, v) for k, v in DEFAULTS.items()}
-    merged.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v not in (None, "")})
-    return merged
-
-
 def _predictor(model: str | None) -> tuple[Any, str]:
     from medai.catalog import default_index, list_models
     from medai.inference import Predictor
@@ -73,8 +62,10 @@ def _node(cfg: dict[str, Any]):
     from medai.pacs.work import Endpoint
 
     predictor, name = _predictor(cfg["model"])
+    from medai.pacs.settings import dicomweb_auth
+
     dest = Endpoint(ae_title=cfg["dest_ae"], host=cfg["dest_host"], port=int(cfg["dest_port"] or 0),
-                    stow_url=cfg["stow_url"], calling_ae=cfg["ae_title"])
+                    stow_url=cfg["stow_url"], calling_ae=cfg["ae_title"], extra=dicomweb_auth(cfg))
     return Node(predictor, name, cfg["ae_title"], cfg["host"], int(cfg["port"]), dest)
 
 
@@ -95,12 +86,13 @@ def cmd_listen(cfg: dict[str, Any]) -> int:
 
 def cmd_analyze(cfg: dict[str, Any], study_uid: str) -> int:
     from medai.pacs import network, queue, work
+    from medai.pacs.settings import dicomweb_auth
 
     if not cfg["dicomweb_url"]:
         raise MedaiError("pacs analyze needs the PACS's DICOMweb root (--url or the settings page)")
     node = _node(cfg)
     states = [work.receive(node.store, raw, node.predictor, node.model_name)[0]
-              for raw in network.retrieve_study(cfg["dicomweb_url"], study_uid)]
+              for raw in network.retrieve_study(cfg["dicomweb_url"], study_uid, **dicomweb_auth(cfg))]
     node.drain()
     rows = [r for r in queue.items(node.store) if r["study_uid"] == study_uid]
     print(f"study {study_uid}: {len(states)} instance(s) fetched; "
@@ -110,6 +102,7 @@ def cmd_analyze(cfg: dict[str, Any], study_uid: str) -> int:
 
 def cmd_studies(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from medai.pacs import network, queue
+    from medai.pacs.settings import dicomweb_auth
     from medai.store import Store
 
     if not cfg["dicomweb_url"]:
@@ -117,7 +110,7 @@ def cmd_studies(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     status: dict[str, list[str]] = {}
     for row in queue.items(Store()):
         status.setdefault(row["study_uid"], []).append(row["state"])
-    studies = network.search_studies(cfg["dicomweb_url"], args.since, args.modality)
+    studies = network.search_studies(cfg["dicomweb_url"], args.since, args.modality, **dicomweb_auth(cfg))
     for study in studies:
         study["ai_status"] = ", ".join(sorted(set(status.get(study["study_uid"], [])))) or "not received"
     if args.json:
@@ -142,7 +135,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = settings(args)
+    from medai.pacs.settings import load
+
+    cfg = load(overrides=vars(args))
     if args.pacs_command == "listen":
         return cmd_listen(cfg)
     if args.pacs_command == "analyze":

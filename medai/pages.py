@@ -27,6 +27,7 @@ class Page:
 PAGES = (
     Page("analyze", "Analyze", ":material/radiology:", EVERYONE),
     Page("history", "History", ":material/history:", EVERYONE),
+    Page("pacs", "PACS", ":material/lan:", frozenset({ADMIN, RADIOLOGIST})),
     Page("models", "Models", ":material/neurology:", EVERYONE),
     Page("train", "Train", ":material/model_training:", frozenset({ADMIN, RESEARCHER})),
     Page("metrics", "Metrics", ":material/monitoring:", EVERYONE),

@@ -28,7 +28,7 @@ class StoreError(MedaiError):
     """The database cannot be opened or is from a newer version of MedAI."""
 
 
-DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False}
+DEFAULT_SETTINGS: dict[str, Any] = {"store_pixels": False, "pacs": {}}  # pacs: medai.pacs.settings
 
 
 def local_time(ts: float | None, seconds: bool = False) -> str:

@@ -137,8 +137,8 @@ def analyse(store: Store, item: dict[str, Any], predictor: Predictor) -> None:
 
 
 def deliver(store: Store, item: dict[str, Any], endpoint: Endpoint) -> bool:
-    """Send an analysed item's objects; on success ``sent`` (and the inbox copy is dropped: the PACS has
-    it), otherwise a retry is scheduled with backoff."""
+    """Send an analysed item's objects; on success ``sent``, otherwise a retry is scheduled with backoff.
+    The received image stays in the inbox, for a reader to open the study on Analyze."""
     from medai.pacs.network import SendError, c_store, stow
 
     outbox = Path(item["result"]["outbox"])
@@ -156,7 +156,5 @@ def deliver(store: Store, item: dict[str, Any], endpoint: Endpoint) -> bool:
     queue.update(store, item["id"], state=queue.SENT, reason="")
     store.audit(NODE_USER, AuditAction.PACS_SENT, sop_uid=item["sop_uid"], study_uid=item["study_uid"],
                 objects=len(files))
-    if item.get("path"):
-        Path(item["path"]).unlink(missing_ok=True)
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from medai.analysis import (DISCLAIMER, HEATMAP_METHODS, Analysis, Explanation, 
 from medai.catalog import ModelEntry, default_index
 from medai.errors import MedaiError
 from medai.ui import viewer
+from medai.ui.pacs import OPEN_KEY as PACS_OPEN_KEY
 from medai.ui.widgets import (available_models, cached_predictor, model_label, plain, probability_chart,
                               shares_chart)
 
@@ -320,6 +322,20 @@ def _refused_view(user: User, analysis: Analysis, predictor: Predictor, threshol
                        "application/json", on_click="ignore", icon=":material/data_object:")
 
 
+@dataclass
+class _Received:
+    """A study image the PACS page opened here, shaped like an upload."""
+    name: str
+    data: bytes
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+def _from_pacs() -> list[_Received]:
+    return [_Received(name, data) for name, data in st.session_state.get(PACS_OPEN_KEY, [])]
+
+
 def render_analyze(user: User) -> None:
     st.title("Analyze")
     st.caption(DISCLAIMER)
@@ -333,7 +349,7 @@ def render_analyze(user: User) -> None:
     uploads = st.file_uploader(f"{UPLOAD_TITLES.get(task, task)} (PNG, JPEG or DICOM)", accept_multiple_files=True,
                                key="uploads", help="The type is read from the file's content; DICOM files need no "
                                "extension. Images this model cannot read are refused, with the reason.")
-    analyses = _analyses(user, entry, predictor, uploads or [], thresholds)
+    analyses = _analyses(user, entry, predictor, [*(uploads or []), *_from_pacs()], thresholds)
     if not analyses:
         return
     analysis = _select(analyses, thresholds)

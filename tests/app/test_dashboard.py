@@ -18,7 +18,7 @@ from tests.conftest import need
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
 PAGE_FILES = {"analyze": "analyze.py", "history": "history.py", "models": "models.py", "users": "users.py",
-              "train": "train.py", "metrics": "metrics.py", "backup": "backup.py"}
+              "train": "train.py", "metrics": "metrics.py", "backup": "backup.py", "pacs": "pacs.py"}
 PNEUMONIA_MODEL = ROOT / "models" / "pneumonia-hybrid.safetensors"
 
 
@@ -58,7 +58,7 @@ def test_first_run_creates_the_admin_and_signs_in(medai_home: Path):
     at.button[0].click().run()
     assert not at.exception and at.title[0].value == "Analyze"
     assert Store().get_user("chief").role == "admin"
-    assert nav_pages(at) == {"analyze", "history", "models", "train", "metrics", "backup", "users"}
+    assert nav_pages(at) == {"analyze", "history", "pacs", "models", "train", "metrics", "backup", "users"}
 
 
 def test_admin_password_from_environment(medai_home: Path, monkeypatch: pytest.MonkeyPatch):
