@@ -16,10 +16,10 @@ from tests.e2e.conftest import PASSWORD, USERS, fill_sign_in, session_cookie, se
 pytestmark = pytest.mark.e2e
 
 PAGE_URLS = ["", "analyze", "history", "models", "users", "train", "metrics", "backup", "login"]
-NAV = {"admin": {"Analyze", "History", "Models", "Train", "Metrics", "Backup", "Users"},
+NAV = {"admin": {"Analyze", "History", "PACS", "Models", "Train", "Metrics", "Backup", "Users"},
        "researcher": {"Analyze", "History", "Models", "Train", "Metrics"},
-       "radiologist": {"Analyze", "History", "Models", "Metrics"}}
-ALL_TITLES = {"Analyze", "History", "Models", "Users", "Train", "Metrics", "Backup"}
+       "radiologist": {"Analyze", "History", "PACS", "Models", "Metrics"}}
+ALL_TITLES = {"Analyze", "History", "PACS", "Models", "Users", "Train", "Metrics", "Backup"}
 
 
 def test_first_run_creates_the_admin_who_then_signs_in(fresh_server, page):
@@ -83,7 +83,13 @@ def test_each_role_sees_its_pages_and_cannot_open_others_by_url(server, page, us
         assert "Audit log" not in body and "New user" not in body
         sign_in(page, server, user, path="backup")
         assert "Create backup" not in page.locator("body").inner_text()
+    if role == "researcher":
+        sign_in(page, server, user, path="pacs")
+        assert "Urgent findings first" not in page.locator("body").inner_text()
     if role == "radiologist":
+        sign_in(page, server, user, path="pacs")
+        expect(page.get_by_text("Urgent findings first")).to_be_visible()
+        assert "PACS endpoints" not in page.locator("body").inner_text()
         sign_in(page, server, user, path="train")
         assert "Start training" not in page.locator("body").inner_text()
 
