@@ -1,4 +1,4 @@
-"""PACS node throughput end to end: N DX images (real NIH ChestX-ray14 PNGs) stored in a real Orthanc,
+"""PACS node throughput end to end: N DX images (real NIH ChestX-ray14 films, 512 px) stored in a real Orthanc,
 routed to the node by C-STORE, analysed with the default chest model (heatmaps for the positive findings),
 and the SR + overlays stored back in Orthanc. Prints images/min, latency (received -> sent) p50/p95, and
 where the time goes (receive, analysis + objects, delivery).
@@ -36,7 +36,9 @@ def main() -> None:
     from tests.orthanc import Orthanc
     from tests.test_pacs import dx_from_png
 
-    pngs = sorted((DATA / "nih-cxr14-sample" / "images").glob("*.png"))[: args.images]
+    pngs = sorted((DATA / "nih-cxr14-bbox" / "images").glob("*.jpg"))[: args.images]
+    if not pngs:
+        raise SystemExit(f"no images under {DATA / 'nih-cxr14-bbox' / 'images'}")
     orthanc = Orthanc(tmp / "orthanc", free_port(), free_port(), free_port()).start()
     try:
         study = generate_uid()
@@ -62,7 +64,7 @@ def main() -> None:
                   f"{1000 * received / max(1, len(pngs)):.0f}"]],
                 ["images", "sent", "receive all s", "end to end s", "images/min", "latency p50 s", "latency p95 s",
                  "receive ms/image"]))
-    print(f"\nModel {args.model}; NIH PNGs 1024x1024 as DX; one association from Orthanc; results by C-STORE.")
+    print(f"\nModel {args.model}; NIH films (nih-cxr14-bbox, 512x512) as 8-bit DX; one association from Orthanc; results by C-STORE.")
 
 
 if __name__ == "__main__":

@@ -122,26 +122,6 @@ def list_jobs(store: Store | None = None) -> list[Job]:
     return [_job(r) for r in reversed(store.runs())]
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that has exited (reap the zombie)
-            return False
-    except ChildProcessError:
-        pass  # started by another dashboard process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _mark_failed(store: Store, job: Job, message: str) -> None:
     status = {**job.status, "state": FAILED, "finished_at": time.time(), "message": message,
               "log_tail": log_tail(job.run_dir)}
@@ -157,11 +137,11 @@ def refresh(store: Store | None = None) -> None:
         state = job.status.get("state")
         if state in FINAL_STATES:
             store.update_run(job.run_id, state=state)
-            _alive(job.pid)  # reap
+            runs.process_alive(job.pid)  # reap
             continue
         beat = job.status.get("heartbeat") or row["updated_at"]
         stale = time.time() - beat > stale_after_s()
-        if not _alive(job.pid) and (stale or state != RUNNING):
+        if not runs.process_alive(job.pid) and (stale or state != RUNNING):
             _mark_failed(store, job, f"the training process (pid {job.pid}) ended without finishing")
         elif stale and time.time() - beat > 10 * stale_after_s():
             _mark_failed(store, job, f"no heartbeat for {time.time() - beat:.0f} s; the process looks hung")
@@ -195,13 +175,13 @@ def cancel(run_id: str, username: str, store: Store | None = None) -> None:
     job = get_job(run_id, store)
     if job.state == QUEUED or (job.state == RUNNING and job.status.get("state") != RUNNING):
         # never started, or its process has not started training yet (nothing to save): say so ourselves
-        if job.state == RUNNING and _alive(job.pid):
+        if job.state == RUNNING and runs.process_alive(job.pid):
             os.kill(job.pid, signal.SIGTERM)
         runs.write_status(job.run_dir, {**job.status, "state": CANCELLED, "message": "cancelled"})
         store.update_run(run_id, state=CANCELLED)
     elif job.state == RUNNING:
         runs.request_cancel(job.run_dir)  # the trainer ends its step, saves and reports "cancelled"
-        if _alive(job.pid):
+        if runs.process_alive(job.pid):
             os.kill(job.pid, signal.SIGTERM)
     else:
         raise MedaiError(f"{run_id} is {job.state}; only queued or running jobs can be cancelled")

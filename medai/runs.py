@@ -151,3 +151,24 @@ def log_tail(run_dir: Path, lines: int = 30) -> str:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {name} ---\n" + "\n".join(text))
     return "\n".join(parts)
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` of this machine runs (an exited child of ours is reaped; a zombie is not)."""
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that has exited (reap the zombie)
+            return False
+    except ChildProcessError:
+        pass  # started by another dashboard process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

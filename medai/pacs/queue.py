@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any
 
+from medai.runs import process_alive
 from medai.store import Store
 
 QUEUED, ANALYSING, DONE, SENT, SKIPPED, FAILED = "queued", "analysing", "done", "sent", "skipped", "failed"
@@ -53,23 +54,13 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(store: Store) -> int:
     """Put back in the queue what a worker of this machine was analysing when it died (``kill -9``, power
     loss), without waiting for its lease to run out. Returns how many."""
     host = socket.gethostname()
     with store.connect() as conn:
         dead = [r["id"] for r in conn.execute("SELECT id, lease_owner FROM pacs_queue WHERE state = ?", (ANALYSING,))
-                if r["lease_owner"].rpartition(":")[0] == host and not _alive(int(r["lease_owner"].rpartition(":")[2] or 0))]
+                if r["lease_owner"].rpartition(":")[0] == host and not process_alive(int(r["lease_owner"].rpartition(":")[2] or 0))]
         conn.executemany("UPDATE pacs_queue SET state = ?, lease_until = 0 WHERE id = ?", [(QUEUED, i) for i in dead])
     return len(dead)
 
