@@ -65,7 +65,7 @@ def _node(cfg: dict[str, Any]):
     from medai.pacs.settings import dicomweb_auth
 
     dest = Endpoint(ae_title=cfg["dest_ae"], host=cfg["dest_host"], port=int(cfg["dest_port"] or 0),
-                    stow_url=cfg["stow_url"], calling_ae=cfg["ae_title"], extra=dicomweb_auth(cfg))
+                    stow_url=cfg["stow_url"], calling_ae=cfg["ae_title"], auth=dicomweb_auth(cfg))
     return Node(predictor, name, cfg["ae_title"], cfg["host"], int(cfg["port"]), dest)
 
 

@@ -60,7 +60,7 @@ def stow(endpoint: Endpoint, files: list[Path]) -> None:
     import requests
 
     try:
-        client(endpoint.stow_url, **endpoint.extra).store_instances([pydicom.dcmread(f) for f in files])
+        client(endpoint.stow_url, **endpoint.auth).store_instances([pydicom.dcmread(f) for f in files])
     except (requests.RequestException, OSError) as exc:
         raise SendError(f"STOW-RS to {_safe(endpoint.stow_url)} failed: {type(exc).__name__}") from None
 

@@ -37,7 +37,7 @@ class Endpoint:
     port: int = 0
     stow_url: str = ""
     calling_ae: str = "MEDAI"
-    extra: dict[str, Any] = field(default_factory=dict)
+    auth: dict[str, str] = field(default_factory=dict)  # DICOMweb user / password for STOW-RS
 
     @property
     def configured(self) -> bool:
@@ -124,14 +124,13 @@ def analyse(store: Store, item: dict[str, Any], predictor: Predictor) -> None:
     for ds in objects:
         with atomic_open(outbox / f"{ds.SOPInstanceUID}.dcm", "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
-    _, stored = analysis.record(NODE_USER, an, predictor.ckpt.card, dict(an.prediction.thresholds), store=store,
+    analysis.record(NODE_USER, an, predictor.ckpt.card, dict(an.prediction.thresholds), store=store,
                                 dicom_uids={"study_uid": item["study_uid"], "sop_uid": item["sop_uid"]})
     urgent = max([r.probability for r in positive if r.finding in URGENT] or [0.0])
     queue.update(store, item["id"], state=queue.DONE, reason="", findings=[r.finding for r in positive],
                  priority=urgent, next_try=0, attempts=0,
                  result={"probabilities": {r.finding: r.probability for r in results},
-                         "thresholds": {r.finding: r.threshold for r in results}, "outbox": str(outbox),
-                         "objects": [str(ds.SOPInstanceUID) for ds in objects], "status": stored["status"]})
+                         "thresholds": {r.finding: r.threshold for r in results}, "outbox": str(outbox)})
     store.audit(NODE_USER, AuditAction.PACS_ANALYSED, sop_uid=item["sop_uid"], study_uid=item["study_uid"],
                 model=item["model"], findings=[r.finding for r in positive])
 

@@ -121,6 +121,8 @@ def overlay_image(source: Dataset, rgb: np.ndarray, result: FindingResult, model
     sop_uid = source.SOPInstanceUID
     pixels = _banner(rgb, [BANNER, f"{model_name}: {result.finding.replace('_', ' ')} "
                                    f"p={result.probability:.2f} (threshold {result.threshold:.2f})"])
+    # the source's orientation; without one, the standard display of a frontal chest film (rows to the feet,
+    # columns to the patient's left)
     orientation = tuple(source.get("PatientOrientation") or ()) or ("L", "F")
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
