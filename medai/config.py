@@ -85,6 +85,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # average the weights over steps (e.g. 0.998); 0 = off. The average is validated and kept
     class_weighting: bool = True  # pos_weight (multi-label) / class weights (multi-class)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
@@ -100,7 +101,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     log_every: int = 10  # steps between progress lines
     bootstrap: int = 500  # bootstrap resamples for AUROC confidence intervals in the final evaluation
-    threshold_method: Literal["youden", "sensitivity"] = "youden"
+    threshold_method: Literal["youden", "f1", "sensitivity"] = "youden"
     target_sensitivity: float = 0.95
     # distributed data parallel (torchrun): processes on this machine when launched by `medai train`
     # (one per GPU; >1 re-launches under torchrun), the learning-rate rule for the effective batch, and
@@ -255,6 +256,7 @@ def validate(cfg: ExperimentConfig) -> None:
          "train.early_stopping_patience", "must be >= 1 or null"),
         (0 < t.target_sensitivity < 1, "train.target_sensitivity", "must be in (0, 1)"),
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
+        (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
         (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),
         (16 <= p.image_size <= 2048, "preprocess.image_size", "must be between 16 and 2048"),
         (p.std > 0, "preprocess.std", "must be > 0"),

@@ -172,3 +172,23 @@ def process_alive(pid: int | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def storage_failure(exc: BaseException, run_dir: Path) -> StorageError | None:
+    """A write failure (full disk, file-size limit, read-only folder, permissions) as a StorageError that
+    says how to go on; None for any other exception. safetensors reports I/O errors as its own type."""
+    import errno
+
+    codes = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file grew past the size limit",
+             errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the folder is on a read-only file system",
+             errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there"}
+    if isinstance(exc, OSError) and exc.errno in codes:
+        why = codes[exc.errno]
+    elif type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+        why = str(exc).split("I/O error:", 1)[1].strip()
+    else:
+        return None
+    return StorageError(f"cannot write the run's files in {run_dir} ({why}; {exc}). The last completed epoch "
+                        f"is kept: free space or fix the folder, then resume with "
+                        f"`python -m medai train --resume {run_dir}`")
+

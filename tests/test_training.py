@@ -23,6 +23,7 @@ from medai.runs import read_progress
 from medai.training.callbacks import Callback
 from medai.training.loop import EarlyStopping
 from medai.runs import CANCEL_FILE, new_run as new_run_dir
+from medai.training.ema import WeightAverage
 from medai.training.trainer import Trainer, resume, train
 from tests.conftest import ROOT, need, run_cli, tiny_config
 
@@ -103,6 +104,56 @@ def test_two_stage_trains_the_head_first_then_everything(tmp_path: Path):
     assert not torch.equal(stage2[stem], stage1[stem])
     lrs = {r["epoch"]: r["lr"] for r in read_progress(run_dir) if r["type"] == "step"}
     assert lrs[1] < 0.2 * cfg.train.lr
+
+
+def test_weight_average_follows_the_live_weights_with_a_warm_up(tmp_path: Path):
+    live = torch.nn.Linear(2, 1)
+    ema = WeightAverage(live, decay=0.99)
+    start = live.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    ema.update(live)  # first update: decay held down to 2/11, so the average moves 9/11 of the way
+    assert torch.allclose(ema.module.weight, start + 9 / 11, atol=1e-6)
+    for _ in range(2000):
+        ema.update(live)
+    assert ema.current_decay() == 0.99 and torch.allclose(ema.module.weight, live.weight, atol=1e-5)
+    assert not ema.module.weight.requires_grad and not ema.module.training
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage(live, 1.0)
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        load_config(tiny_config(tmp_path, "pneumoniamnist", train={"ema_decay": 1.5}))
+
+
+class CancelAfterFirstEpoch(Callback):
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_epoch(self, record):
+        if record["epoch"] == 0:
+            (self.run_dir / CANCEL_FILE).touch()
+
+
+def test_ema_run_keeps_and_resumes_the_weight_average(tmp_path: Path):
+    """With train.ema_decay the average is what is validated and saved as best; last.pt carries it, and a
+    run cancelled after its first epoch resumes the average where it stopped."""
+    cfg = mnist_config(tmp_path, ema_decay=0.9, early_stopping_patience=None)
+    run_dir = new_run_dir(cfg)
+    Trainer(cfg, run_dir, [CancelAfterFirstEpoch(run_dir)]).fit()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    after_first = torch.load(run_dir / "last.pt", weights_only=True)
+    steps = after_first["loop"]["step"]
+    assert after_first["ema"]["updates"] == steps > 0
+    best = load_file(str(run_dir / "best.safetensors"))
+    averaged, live = after_first["ema"]["module"], after_first["model"]
+    assert all(torch.equal(best[k], averaged[k]) for k in best)
+    assert any(not torch.equal(averaged[k], live[k]) for k in live if live[k].is_floating_point())
+    resume(run_dir)
+    final = torch.load(run_dir / "last.pt", weights_only=True)
+    assert final["ema"]["updates"] == final["loop"]["step"] == 2 * steps
+    epochs = [r for r in read_progress(run_dir) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(0 <= r["val_auroc"] <= 1 and 0 <= r["val_auroc_live"] <= 1 for r in epochs)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
 def test_early_stopping_rule():

@@ -108,8 +108,10 @@ class StepClock:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, prec: Precision, cfg: TrainConfig, clock: StepClock, epoch: int,
                     lr_at: Callable[[int], float], on_step: Callable[[dict], None],
-                    should_stop: Callable[[], bool], seen: list[str] | None = None) -> dict[str, float]:
-    """One epoch; ``seen`` (when given) collects the ids of the images trained on, in order."""
+                    should_stop: Callable[[], bool], seen: list[str] | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One epoch; ``seen`` (when given) collects the ids of the images trained on, in order;
+    ``after_step`` (when given) runs after every optimiser step (the weight average's update)."""
     model.train()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_loss, count = 0.0, 0
@@ -145,6 +147,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             prec.scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step()
         batch = images.shape[0]
         total_loss += loss.item() * batch
         count += batch

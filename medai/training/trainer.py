@@ -43,6 +43,7 @@ from medai.precision import resolve_device, resolve_precision
 from medai.training import card, distributed
 from medai.training.callbacks import Callback, ProgressFile, StatusFile
 from medai.training.distributed import SINGLE, DistContext
+from medai.training.ema import WeightAverage
 from medai.training.loop import EarlyStopping, StepClock, lr_factor, make_loss, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class _Setup:
     state: dict[str, Any]  # epoch, step, stopper (what last.pt keeps)
     clock: StepClock
     stopper: EarlyStopping
+    ema: WeightAverage | None  # train.ema_decay > 0: the averaged weights, validated and kept as the best
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The model that is validated and saved: the weight average when there is one."""
+        return self.ema.module if self.ema else self.model
 
 
 class Trainer:
@@ -173,7 +180,8 @@ class Trainer:
         if t.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
-        state = self._resume_state(model, optimizer)
+        ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
+        state = self._resume_state(model, optimizer, ema)
         base_lr = t.lr * distributed.lr_scale(t.lr_scaling, ctx.world_size)
         self.card_base = card.card_base(cfg, recset, train, val, kwargs, self.spec.to_dict(), {
             "world_size": ctx.world_size, "backend": ctx.backend, "per_process_batch": t.batch_size,
@@ -184,7 +192,7 @@ class Trainer:
         return _Setup(model, optimizer, loss_fn, train, self._loader(val[ctx.rank::ctx.world_size], False),
                       steps_per_epoch, total_steps, int(t.warmup_epochs * steps_per_epoch), base_lr, state,
                       StepClock(step=state["step"], total_steps=total_steps, world_size=ctx.world_size),
-                      EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"]))
+                      EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta, **state["stopper"]), ema)
 
     def _model(self, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, bool]:
         t, ctx = self.cfg.train, self.ctx
@@ -226,14 +234,15 @@ class Trainer:
         seen: list[str] | None = [] if ctx.enabled else None
         result = train_one_epoch(net, self._loader(run.train, True, epoch), run.optimizer, run.loss_fn, self.prec,
                                  t, run.clock, epoch, lambda step: self._lr_at(run, step), self._emit_step,
-                                 self._should_stop, seen)
+                                 self._should_stop, seen, (lambda: run.ema.update(run.model)) if run.ema else None)
         if result.get("stopped"):
             return runs.CANCELLED
-        distributed.sync_buffers(run.model, ctx)
-        preds = self._predict_val(run.model, run.val_loader, run.loss_fn)
+        for synced in {id(m): m for m in (run.model, run.kept)}.values():
+            distributed.sync_buffers(synced, ctx)
+        preds = self._predict_val(run.kept, run.val_loader, run.loss_fn)
         scores, improved = self._decide(run, preds, epoch)
         if improved and ctx.is_main:
-            save_checkpoint(run.model, new_card(**self.card_base), self.run_dir / runs.BEST_WEIGHTS)
+            save_checkpoint(run.kept, new_card(**self.card_base), self.run_dir / runs.BEST_WEIGHTS)
         record = {"type": "epoch", "epoch": epoch, "step": run.clock.step, "train_loss": result["loss"],
                   "val_loss": preds["loss"], "val_auroc": scores["auroc"], "val_map": scores["map"],
                   "lr": self._lr_at(run, max(run.clock.step - 1, 0)), "images_per_s": run.clock.images_per_s(),
@@ -241,9 +250,11 @@ class Trainer:
                   "best_val_auroc": run.stopper.best, "improved": improved, "time": time.time()}
         if ctx.enabled:
             record.update(distributed.rank_report(run.model, seen or [], result["loss"], ctx))
+        if run.ema:  # what the average gained over the live weights, for the log
+            record["val_auroc_live"] = self._live_auroc(run)
         run.state.update(epoch=epoch + 1, step=run.clock.step, stopper=run.stopper.state())
         if ctx.is_main:
-            self._save_state(run.model, run.optimizer, run.state)
+            self._save_state(run, run.state)
         for cb in self.callbacks:
             cb.on_epoch(record)
         if run.stopper.should_stop:
@@ -251,6 +262,12 @@ class Trainer:
                      run.stopper.best_epoch)
             return runs.FINISHED
         return runs.CANCELLED if self._should_stop() else runs.RUNNING
+
+    def _live_auroc(self, run: _Setup) -> float | None:
+        preds = self._predict_val(run.model, run.val_loader, run.loss_fn)
+        if not self.ctx.is_main:
+            return None
+        return quick_scores(preds["targets"], probs_from_logits(preds["logits"], self.kind))["auroc"]
 
     def _decide(self, run: _Setup, preds: dict, epoch: int) -> tuple[dict[str, float], bool]:
         """Scores and early stopping, decided once on rank 0 over all gathered predictions, then broadcast."""
@@ -276,7 +293,7 @@ class Trainer:
     def _fail(self, exc: BaseException) -> None:
         """Record why the run ended (cancelled on Ctrl-C, failed otherwise) and re-raise; a storage failure
         is raised as a StorageError that says how to go on, without a traceback."""
-        storage = _storage_failure(exc, self.run_dir)
+        storage = runs.storage_failure(exc, self.run_dir)
         reason = ("interrupted" if isinstance(exc, KeyboardInterrupt) else str(storage) if storage
                   else f"{type(exc).__name__}: {exc}")
         if storage:  # the cause is outside the program: no traceback, say what to do
@@ -318,7 +335,8 @@ class Trainer:
         return distributed.gather_predictions(preds, self.ctx) if self.ctx.enabled else preds
 
     # ------------------------------------------------------------------------------------------ resume
-    def _resume_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def _resume_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      ema: WeightAverage | None) -> dict[str, Any]:
         state: dict[str, Any] = {"epoch": 0, "step": 0, "stopper": {}}
         path = self.run_dir / runs.RESUME_STATE
         if not path.is_file():
@@ -327,15 +345,21 @@ class Trainer:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["loop"])
+        if ema is not None and "ema" in saved:
+            ema.load_state_dict(saved["ema"])
+        elif ema is not None:  # a run resumed with averaging it did not have starts the average here
+            ema.module.load_state_dict(model.state_dict())
         if self.ctx.is_main:
             runs.truncate_progress(self.run_dir, state["epoch"])
         log.info("resumed %s after epoch %d (step %d)", self.run_dir.name, state["epoch"] - 1, state["step"])
         return state
 
-    def _save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def _save_state(self, run: _Setup, state: dict) -> None:
+        saved = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "loop": dict(state)}
+        if run.ema:
+            saved["ema"] = run.ema.state_dict()
         with atomic_path(self.run_dir / runs.RESUME_STATE) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": dict(state)},
-                       tmp)
+            torch.save(saved, tmp)
 
 
 def train(cfg: ExperimentConfig, callbacks: list[Callback] | None = None) -> Path:
@@ -372,23 +396,4 @@ def _run_folder(run: str | os.PathLike, callbacks: list[Callback] | None, fresh:
         return Trainer(cfg, run_dir, callbacks, ctx).fit()
     finally:
         distributed.close(ctx)
-
-
-def _storage_failure(exc: BaseException, run_dir: Path) -> StorageError | None:
-    """A write failure (full disk, file-size limit, read-only folder, permissions) as a StorageError that
-    says how to go on; None for any other exception. safetensors reports I/O errors as its own type."""
-    import errno
-
-    codes = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file grew past the size limit",
-             errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the folder is on a read-only file system",
-             errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there"}
-    if isinstance(exc, OSError) and exc.errno in codes:
-        why = codes[exc.errno]
-    elif type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
-        why = str(exc).split("I/O error:", 1)[1].strip()
-    else:
-        return None
-    return StorageError(f"cannot write the run's files in {run_dir} ({why}; {exc}). The last completed epoch "
-                        f"is kept: free space or fix the folder, then resume with "
-                        f"`python -m medai train --resume {run_dir}`")
 

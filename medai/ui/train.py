@@ -56,7 +56,7 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"train.early_stopping_patience={form['patience']}", f"train.head_epochs={form['head_epochs']}",
             f"augment.enabled={str(form['augment']).lower()}", f"train.seed={form['seed']}",
             f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
-            f"train.lr_scaling={form['lr_scaling']}"]
+            f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
     if form["pretrained"].strip():
@@ -128,6 +128,10 @@ def _launch_form(user: User) -> None:
                                             cfg.train.early_stopping_patience or 0, key=f"pat_{key}"),
                 "head_epochs": st.number_input("Two-stage: head-only epochs first", 0, 100, cfg.train.head_epochs,
                                                key=f"head_{key}"),
+                "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
+                                             0.001, format="%.4f", key=f"ema_{key}",
+                                             help="0 = off. The average of the weights over the last steps "
+                                                  "(e.g. 0.998) is validated and kept as the best model"),
                 "augment": st.checkbox("Augmentation", value=cfg.augment.enabled, key=f"aug_{key}"),
                 "seed": st.number_input("Seed", 0, 2**31 - 1, cfg.train.seed, key=f"seed_{key}"),
                 "pretrained": _starting_weights(key),

@@ -25,13 +25,16 @@ def train_page(role: str = "researcher") -> AppTest:
     return at.switch_page("pages/train.py").run()
 
 
-def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: str | None = None) -> AppTest:
+def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: str | None = None,
+                ema: float | None = None) -> AppTest:
     need("pneumoniamnist")
     at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
     key = "hybrid_pneumoniamnist"
     if gpus:  # form widgets: set together, then submitted
         at.number_input(key=f"nproc_{key}").set_value(gpus)
         at.selectbox(key=f"lrs_{key}").set_value(lr_scaling)
+    if ema:
+        at.number_input(key=f"ema_{key}").set_value(ema)
     at.number_input(key=f"size_{key}").set_value(32)
     at.number_input(key=f"epochs_{key}").set_value(epochs)
     at.text_input(key=f"name_{key}").set_value("ui-tiny")
@@ -106,13 +109,15 @@ def test_one_process_where_there_is_at_most_one_gpu(medai_home: Path):
 
 def test_a_multi_gpu_machine_launches_a_data_parallel_run(medai_home: Path, monkeypatch):
     # the page asks torch how many GPUs there are; pretend 4 so that it offers data-parallel training,
-    # which then really runs as 2 torchrun processes (gloo on this CPU machine)
+    # which then really runs as 2 torchrun processes (gloo on this CPU machine), averaging the weights
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    at = launch_tiny(train_page(), epochs=1, gpus=2, lr_scaling="linear")
+    at = launch_tiny(train_page(), epochs=1, gpus=2, lr_scaling="linear", ema=0.99)
     assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
     at = rerun_until(at, "finished")
     run = jobs.list_jobs()[0]
     records = [r for r in read_progress(run.run_dir) if r["type"] == "epoch"]
     assert records and records[0]["world_size"] == 2 and records[0]["shards_overlap"] == 0
-    assert read_card(run.run_dir / "best.safetensors")["distributed"]["lr_scaling"] == "linear"
+    assert 0 <= records[0]["val_auroc_live"] <= 1
+    card = read_card(run.run_dir / "best.safetensors")
+    assert card["distributed"]["lr_scaling"] == "linear" and card["training_config"]["train"]["ema_decay"] == 0.99
     assert any("Data-parallel on 2 processes" in c.value for c in at.caption)
