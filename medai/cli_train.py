@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("run", help="run id or folder")
     sh.add_argument("--name", required=True, help="model name, e.g. pneumonia-hybrid")
     sh.add_argument("--out", help="folder (default: the repository's models/)")
-    sh.add_argument("--threshold-method", choices=["youden", "sensitivity"])
+    sh.add_argument("--threshold-method", choices=["youden", "f1", "sensitivity"])
     sh.add_argument("--target-sensitivity", type=float)
     sh.add_argument("--notes", default="", help="what mattered in training (goes into the card)")
     sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from medai.evaluation.calibration import expected_calibration_error, fit_temperature, probs_from_logits
 from medai.evaluation.metrics import choose_thresholds, compute_metrics
@@ -56,6 +56,21 @@ def test_thresholds_youden_and_target_sensitivity():
     (t_s,) = choose_thresholds(y, probs, "sensitivity", 0.97)
     sens = ((probs[:, 0] >= t_s) & (y[:, 0] == 1)).sum() / y.sum()
     assert sens >= 0.97 and t_s < t_j
+
+
+def test_f1_threshold_is_the_best_f1_and_flags_fewer_negatives_of_a_rare_finding():
+    rng = np.random.default_rng(3)
+    y = (rng.random((2000, 1)) < 0.04).astype(int)  # 4% prevalence, like most NIH findings
+    probs = probs_from_logits(y * 1.5 + rng.normal(-3, 1, y.shape), "multilabel")
+    (t_f1,) = choose_thresholds(y, probs, "f1")
+    (t_j,) = choose_thresholds(y, probs, "youden")
+
+    def f1(t):
+        return f1_score(y[:, 0], probs[:, 0] >= t)
+
+    assert all(f1(t_f1) >= f1(t) - 1e-12 for t in np.unique(probs))
+    false_positives = [int(((probs[:, 0] >= t) & (y[:, 0] == 0)).sum()) for t in (t_f1, t_j)]
+    assert t_f1 > t_j and false_positives[0] < false_positives[1] / 3
 
 
 def test_temperature_scaling_fixes_overconfidence():

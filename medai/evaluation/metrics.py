@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,
-                             roc_auc_score, roc_curve)
+                             precision_recall_curve, roc_auc_score, roc_curve)
 
 
 def _defined(y: np.ndarray) -> bool:
@@ -37,11 +37,16 @@ def quick_scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float | Non
 
 def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, method: str = "youden",
                       target_sensitivity: float = 0.95) -> list[float]:
-    """Per-class operating thresholds: Youden's J, or the highest threshold reaching a sensitivity."""
+    """Per-class operating thresholds: Youden's J (sensitivity + specificity), the best F1 (precision and
+    sensitivity: far fewer false positives on rare findings, where Youden's threshold flags a third of all
+    negatives), or the highest threshold reaching a sensitivity."""
     out = []
     for c in range(y_true.shape[1]):
         if not _defined(y_true[:, c]):
             out.append(0.5)
+            continue
+        if method == "f1":
+            out.append(_best_f1_threshold(y_true[:, c], probs[:, c]))
             continue
         fpr, tpr, thr = roc_curve(y_true[:, c], probs[:, c])
         thr = np.clip(thr, 0.0, 1.0)  # sklearn's first threshold is +inf
@@ -52,6 +57,12 @@ def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, method: str = "youd
             i = int(reach[0]) if len(reach) else len(thr) - 1
         out.append(float(thr[i]))
     return out
+
+
+def _best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    precision, recall, thr = precision_recall_curve(y, p)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thr[int(np.argmax(f1))])
 
 
 def bootstrap_auroc_ci(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 500, seed: int = 0,
