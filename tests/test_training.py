@@ -226,6 +226,31 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_to_the_whole_process_group_cancels_the_run_and_it_resumes(tmp_path: Path, medai_home: Path):
+    """Was: a stop sent to the process group (timeout, a service manager, pkill -f) also reached the
+    DataLoader workers, one died mid-batch and the run ended 'failed' instead of 'cancelled'."""
+    need("pneumoniamnist")
+    config = tiny_config(tmp_path, "pneumoniamnist", data={"labels": MNIST_LABELS, "max_samples": 480},
+                         train={"epochs": 2, "batch_size": 16, "num_workers": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "medai", "train", "--config", str(config), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = medai_home / "results" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list(runs.iterdir()) if runs.is_dir() else []
+        if found and any(r["type"] == "step" for r in read_progress(found[0])):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers alike
+    assert proc.wait(timeout=120) == 3  # the CLI's code for a run that did not finish
+    (run_dir,) = runs.iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "cancelled" and "SIGTERM" in status["message"], status
+    assert "finished" in run_cli("train", "--resume", run_dir.name, "--no-progress", check=True).stdout
+    assert epochs_of(run_dir) == [0, 1]
+
+
 def test_multilabel_nih_run_with_external_evaluation(tmp_path: Path):
     """BCE with pos_weight over the 14 findings, validated by patient split, then evaluated on the
     621-image NIH sample of other patients."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class _SoftTargetCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.ce(logits, target.argmax(dim=1))
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the trainer: a stop sent to the whole process group (``kill``
+    of the group, ``timeout``, a service manager) then ends the run as cancelled, after its step, instead
+    of killing a worker mid-batch and failing the run."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

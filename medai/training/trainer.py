@@ -44,7 +44,8 @@ from medai.training import card, distributed
 from medai.training.callbacks import Callback, ProgressFile, StatusFile
 from medai.training.distributed import SINGLE, DistContext
 from medai.training.ema import WeightAverage
-from medai.training.loop import EarlyStopping, StepClock, lr_factor, make_loss, train_one_epoch
+from medai.training.loop import (EarlyStopping, StepClock, loader_worker_init, lr_factor, make_loss,
+                                 train_one_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ class Trainer:
         return DataLoader(ds, batch_size=t.batch_size if train else t.batch_size * 2,
                           shuffle=train and sampler is None, sampler=sampler, generator=gen,
                           num_workers=t.num_workers, drop_last=False,
-                          pin_memory=self.prec.device.type == "cuda",
-                          persistent_workers=False)
+                          pin_memory=self.prec.device.type == "cuda", persistent_workers=False,
+                          worker_init_fn=loader_worker_init if t.num_workers else None)
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self._stop_reason = f"signal {signal.Signals(signum).name}"
