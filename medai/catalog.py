@@ -12,7 +12,7 @@ from medai.errors import MedaiError
 from medai.models.checkpoint import read_card
 from medai.paths import SHIPPED_MODELS_DIR, medai_home, runs_dir
 
-DEFAULT_MODEL = "pneumonia-hybrid"  # what Analyze and the HTTP API use unless told otherwise
+DEFAULT_MODEL = "nih14-efficientnet-lite0"  # the 14-finding chest model: what Analyze, the API and the PACS node use unless told otherwise
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from medai.paths import SHIPPED_MODELS_DIR
 from medai.store import Store
 from tests.conftest import free_port, need, run_cli
 
-MODEL = SHIPPED_MODELS_DIR / "pneumonia-hybrid.safetensors"
+MODEL = SHIPPED_MODELS_DIR / "nih14-efficientnet-lite0.safetensors"  # the default model
 PASSWORD = "correct horse battery"
 
 
@@ -43,7 +43,7 @@ def client_for(store: Store, **overrides) -> TestClient:
 @pytest.fixture
 def client(store: Store):
     if not MODEL.is_file():
-        pytest.skip("the shipped pneumonia-hybrid model is absent")
+        pytest.skip("the shipped default model is absent")
     with client_for(store) as c:  # `with` runs the lifespan: the default model is loaded
         yield c
 
@@ -92,8 +92,10 @@ def test_every_other_call_needs_a_valid_token(client, store, token):
     assert_json_error(client.get("/models", headers={"Authorization": f"Basic {token}"}), 401, "unauthorized")
     ok = client.get("/models", headers=bearer(token))
     assert ok.status_code == 200
-    assert {"name": "pneumonia-hybrid", "default": True}.items() <= next(
-        m for m in ok.json() if m["name"] == "pneumonia-hybrid").items()
+    listed = {m["name"]: m for m in ok.json()}
+    assert listed[MODEL.stem]["default"] and not listed["pneumonia-hybrid"]["default"]
+    card = client.get(f"/models/{MODEL.stem}", headers=bearer(token)).json()["card"]
+    assert len(card["labels"]) == 14 and "Cardiomegaly" in card["labels"]
     card = client.get("/models/pneumonia-hybrid", headers=bearer(token)).json()["card"]
     assert card["labels"] == ["NORMAL", "PNEUMONIA"]
     assert_json_error(client.get("/models/nope", headers=bearer(token)), 404, "unknown_model")
@@ -128,7 +130,7 @@ def test_png_and_dicom_analyse_like_the_cli_predict(client, token):
     cli = json.loads(run_cli("predict", "--checkpoint", str(MODEL), str(png), str(dicom), "--json",
                              check=True).stdout)
     for path, expected in zip((png, dicom), cli):
-        resp = client.post("/api/analyze", headers=bearer(token), params={"heatmaps": "true"},
+        resp = client.post("/api/analyze", headers=bearer(token), params={"heatmaps": "true", "findings": "Effusion"},
                            files={"file": (path.name, path.read_bytes())})
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -141,7 +143,7 @@ def test_png_and_dicom_analyse_like_the_cli_predict(client, token):
         ctr = exp["cardiothoracic_ratio"]["ctr"]
         assert 0.3 < ctr < 0.75
         (label, images), = body["heatmaps"].items()
-        assert label in exp["attention_shares"]
+        assert label == "Effusion" and label in exp["attention_shares"]
         assert sum(exp["attention_shares"][label].values()) == pytest.approx(1, abs=0.02)
         heat = Image.open(io.BytesIO(base64.b64decode(images["heatmap_png"])))
         overlay = Image.open(io.BytesIO(base64.b64decode(images["overlay_png"])))
@@ -160,7 +162,7 @@ def test_malformed_requests_get_4xx_json_errors(client, token):
     assert_json_error(post({"other": ("a.png", real)}), 422, "invalid_request")
     assert_json_error(post({"file": ("a.jpeg", real)}, model="nope"), 404, "unknown_model")
     assert_json_error(post({"file": ("a.jpeg", real)}, method="magic"), 422, "unknown_method")
-    assert_json_error(post({"file": ("a.jpeg", real)}, findings="Cardiomegaly"), 422, "bad_request")
+    assert_json_error(post({"file": ("a.jpeg", real)}, findings="Tuberculosis"), 422, "bad_request")
     assert_json_error(post({"file": ("a.jpeg", real)}, opacity="2"), 422, "invalid_request")
     assert_json_error(client.get("/api/analyze", headers=h), 405, "method_not_allowed")
     assert_json_error(client.get("/nowhere", headers=h), 404, "not_found")
@@ -186,7 +188,8 @@ def test_upload_pixel_and_batch_limits(store, token):
 def test_batch_reports_each_image(client, token):
     good = sorted(need("kermany-pneumonia/val/PNEUMONIA").glob("*.jpeg"))[:2]
     files = [("files", (p.name, p.read_bytes())) for p in good] + [("files", ("broken.png", b"not an image"))]
-    resp = client.post("/api/analyze/batch", headers=bearer(token), files=files, params={"explain": "false"})
+    resp = client.post("/api/analyze/batch", headers=bearer(token), files=files,
+                       params={"explain": "false", "model": "pneumonia-hybrid"})
     assert resp.status_code == 200
     body = resp.json()
     assert (body["count"], body["failed"], body["model"]) == (3, 1, "pneumonia-hybrid")

@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from medai import auth
-from medai.catalog import list_models
+from medai.catalog import DEFAULT_MODEL, list_models
 from medai.store import Store
 from tests.conftest import need
 
@@ -132,32 +132,40 @@ def viewer_panes(at: AppTest) -> list[list[str]]:
             for e in at.get("iframe") if 'id="viewer"' in e.proto.srcdoc]
 
 
+def _pick(at: AppTest, name: str) -> AppTest:
+    """Choose a chest model on Analyze (the 14-finding NIH model is the default)."""
+    entry = next(e for e in list_models()[0] if e.name == name)
+    return at.selectbox(key="analyze_model_Chest X-ray").set_value(entry).run()
+
+
 def test_analyze_real_xray_shows_findings_heatmap_and_history(medai_home: Path):
-    val = need("kermany-pneumonia/val/PNEUMONIA")
-    image = sorted(val.glob("*.jpeg"))[0]
+    """A chest film on Analyze meets the 14-finding NIH model by default: an NIH film with cardiomegaly
+    shows Cardiomegaly first, with its heatmap, anatomy and History row."""
+    image = need("nih-cxr14-sample/fullres/00000211_000.png")  # NIH: Cardiomegaly
     auth.create_user(Store(), "rita", PASSWORD, "radiologist")
     at = sign_in(app().run(), "rita")
-    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/png")
     assert not at.exception and not at.error
-    assert at.session_state["analyze_model_Chest X-ray"].name == "pneumonia-hybrid"
+    assert at.session_state["analyze_model_Chest X-ray"].name == DEFAULT_MODEL == "nih14-efficientnet-lite0"
+    assert len([s for s in at.slider if s.key and s.key.startswith("thr_")]) == 14
     assert not any("brain-mri" in str(o) for o in at.selectbox(key="analyze_model_Chest X-ray").options)
-    finding_lines = [m.value for m in at.markdown if m.value.startswith("**")]
-    assert finding_lines and finding_lines[0].startswith("**PNEUMONIA**")
+    finding_lines = [m.value.split("**")[1] for m in at.markdown if re.match(r"\*\*\w+\*\*: \d", m.value)]
+    assert finding_lines and finding_lines[0] == "Cardiomegaly", finding_lines
     (panes,) = viewer_panes(at)  # the film and its heatmap side by side, in one viewer
-    assert panes[0] == "Image" and re.fullmatch(r"[\w+]+ heatmap for PNEUMONIA", panes[1]), panes
-    assert any(panes[1] == c.value for c in at.caption) and any(c.value.startswith("JPEG") for c in at.caption)
+    assert panes[0] == "Image" and re.fullmatch(r"[\w+]+ heatmap for Cardiomegaly", panes[1]), panes
+    assert any(panes[1] == c.value for c in at.caption) and any(c.value.startswith("PNG") for c in at.caption)
     assert at.slider(key=f"wl_level_{Store().history()[0].image_sha256[:16]}").label == "Level (grey level)"
     assert any("Segmentation: learned" in c.value or "Cardiothoracic ratio not reported" in c.value
                for c in at.caption)  # the anatomy panel's CTR, from the learned segmentation
     # the heatmap shown is the one the upload's own forward pass made: no second explanation was computed
     (key,) = at.session_state["explanations"].keys()
     method = next(s for s in at.selectbox if s.key and s.key.startswith("heat_method_")).value
-    assert key[2:] == ("PNEUMONIA", method)
+    assert key[2:] == ("Cardiomegaly", method)
     entry = Store().history(username="rita")[0]
-    assert entry.model == "pneumonia-hybrid" and entry.findings == ["PNEUMONIA"] and not entry.has_pixels
-    assert "PNEUMONIA" in str(Store().audit_log(action="analysis"))
+    assert entry.model == DEFAULT_MODEL and entry.findings == finding_lines and not entry.has_pixels
+    assert "Cardiomegaly" in str(Store().audit_log(action="analysis"))
     # the same file uploaded again (a new upload id) is neither analysed nor saved again
-    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/png")
     assert not at.exception and len(at.session_state["analyses"]) == 1
     assert [e.id for e in Store().history(username="rita")] == [entry.id]
 
@@ -167,8 +175,7 @@ def test_every_positive_finding_of_a_14_finding_model_is_listed(medai_home: Path
     image = sorted(need("nih-cxr14-sample/fullres").glob("*.png"))[0]
     auth.create_user(Store(), "rita", PASSWORD, "radiologist")
     at = sign_in(app().run(), "rita")
-    nih = next(e for e in list_models()[0] if e.name == "nih14-efficientnet-lite0")
-    at = at.selectbox(key="analyze_model_Chest X-ray").set_value(nih).run()
+    at = _pick(at, "nih14-efficientnet-lite0")
     for label in ("Cardiomegaly", "Effusion", "Atelectasis"):
         next(s for s in at.slider if s.label == label).set_value(0.0)
     at = _analyze_upload(at, image.name, image.read_bytes(), "image/png")
@@ -182,7 +189,8 @@ def test_threshold_slider_re_decides(medai_home: Path):
     val = need("kermany-pneumonia/val/PNEUMONIA")
     image = sorted(val.glob("*.jpeg"))[0]
     auth.create_user(Store(), "rita", PASSWORD, "radiologist")
-    at = _analyze_upload(sign_in(app().run(), "rita"), image.name, image.read_bytes(), "image/jpeg")
+    at = _pick(sign_in(app().run(), "rita"), "pneumonia-hybrid")
+    at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
     assert [s.label for s in at.slider if s.key and s.key.startswith("thr_")] == ["PNEUMONIA"]  # no NORMAL
     assert Store().history(username="rita")[0].findings == ["PNEUMONIA"]
     slider = next(s for s in at.slider if s.label == "PNEUMONIA")
@@ -362,7 +370,7 @@ def _kermany(n: int) -> list[Path]:
 def test_removing_uploads_never_indexes_a_stale_batch_selection(medai_home: Path):
     """Was: select row 5 of a 6-image batch, remove files -> IndexError (Streamlit's error page)."""
     auth.create_user(Store(), "rita", PASSWORD, "radiologist")
-    at = sign_in(app().run(), "rita")
+    at = _pick(sign_in(app().run(), "rita"), "pneumonia-hybrid")
     files = [(p.name, p.read_bytes(), "image/jpeg") for p in _kermany(6)]
     at = at.file_uploader[0].set_value(files).run()
     table = next(d for d in at.dataframe if d.key and d.key.startswith("batch_table_"))
@@ -401,7 +409,7 @@ def test_history_filters_by_part_of_a_name_and_reopens_image_with_heatmap(medai_
     db = Store()
     db.set_setting("store_pixels", True)
     auth.create_user(db, "rita", PASSWORD, "radiologist")
-    at = sign_in(app().run(), "rita")
+    at = _pick(sign_in(app().run(), "rita"), "pneumonia-hybrid")
     at = _analyze_upload(at, image.name, image.read_bytes(), "image/jpeg")
     assert not at.exception
     assert [e.file_name for e in db.history(model="HYBRID", finding="pneu")] == [image.name]

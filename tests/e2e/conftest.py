@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,13 @@ def sign_in(page, url: str, user: str, path: str = "") -> None:
     page.get_by_text(f"Signed in as {user}").wait_for()
     settle(page)  # the run that sets the session cookie: a click during it can be lost
     session_cookie(page)
+
+
+def choose_model(page, name: str) -> None:
+    """Pick a model in the Analyze sidebar (the 14-finding NIH chest model is the default)."""
+    page.locator('[data-testid="stSidebar"]').get_by_label("Model", exact=True).click()
+    page.get_by_role("option", name=re.compile(rf"^{re.escape(name)} - ")).click()
+    settle(page)
 
 
 def session_cookie(page, timeout_s: float = 30) -> dict:
