@@ -1,0 +1,69 @@
+"""Where a model looks: the share of its heatmap that falls on the lungs and the heart (learned anatomy),
+over Kermany validation films, for the finding the Analyze page shows first.
+
+    .venv/bin/python benchmarks/heatmap_on_chest.py --checkpoint models/pneumonia-hybrid.safetensors \
+        [--checkpoint ...] [--images 100] [--finding PNEUMONIA] [--method gradcam]
+
+Films are taken evenly from both classes (sorted names, every k-th), through the same path as the
+Analyze page and the API (`medai.analysis.analyze_and_explain`); a film the input gate refuses or whose
+anatomy is not found is counted, not scored. Share = heatmap mass inside the right lung, left lung and
+heart masks over its total; "warned" = the films whose share is under 50% (the shortcut warning readers see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from _common import DATA, machine, table
+
+from medai.analysis import analyze_and_explain
+from medai.inference import Predictor
+
+INSIDE = ("right_lung", "left_lung", "heart")
+
+
+def films(n: int) -> list:
+    val = DATA / "kermany-pneumonia" / "val"
+    out = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        names = sorted((val / cls).glob("*.jpeg"))
+        step = max(1, len(names) // (n // 2))
+        out += names[::step][: n // 2]
+    return out
+
+
+def shares(checkpoint: str, paths: list, finding: str, method: str | None) -> list[object]:
+    predictor = Predictor(checkpoint)
+    inside, refused, no_anatomy = [], 0, 0
+    for path in paths:
+        analysis, exp = analyze_and_explain(predictor, "bench", path.read_bytes(), path.name, [finding], method)
+        if exp is None:
+            refused += 1
+        elif finding not in exp.shares:
+            no_anatomy += 1
+        else:
+            inside.append(sum(exp.shares[finding].get(region, 0.0) for region in INSIDE))
+    head = [checkpoint.rsplit("/", 1)[-1], method or predictor.model.cam_method, len(paths), refused, no_anatomy]
+    if not inside:
+        return head + ["-", "-", "-"]
+    return head + [statistics.mean(inside), statistics.median(inside),
+                   f"{sum(s < 0.5 for s in inside) / len(inside):.0%}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", required=True)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--finding", default="PNEUMONIA")
+    parser.add_argument("--method", help="CAM method (default: each model's own)")
+    args = parser.parse_args()
+    paths = films(args.images)
+    rows = [shares(c, paths, args.finding, args.method) for c in args.checkpoint]
+    print(f"## Heatmap share on lungs + heart, Kermany val, {args.finding} ({machine()})\n")
+    print(table(rows, ["checkpoint", "method", "films", "refused", "no anatomy", "mean share", "median share",
+                       "warned (< 50%)"]))
+
+
+if __name__ == "__main__":
+    main()
