@@ -98,7 +98,8 @@ def localisation(predictor: Predictor, methods: list[str]) -> list[list[object]]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", action="append", required=True)
-    parser.add_argument("--images", type=int, default=40, help="images for ROAD")
+    parser.add_argument("--images", type=int, default=40,
+                        help="images for ROAD (0: no ROAD; at 224 px its imputation takes minutes per image)")
     parser.add_argument("--road-images", default="nih-cxr14-sample/images",
                         help="folder under MEDAI_DATA_DIR whose images ROAD uses")
     parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,eigencam,layercam",
@@ -110,14 +111,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}")
     print(f"## CAM faithfulness and localisation ({machine()})\n")
-    print(f"ROAD combined on {args.images} real images, the most probable finding (mean, SE):\n")
     header = ["architecture", "images from", "method", "ROAD combined", "SE", "images"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    if args.images:
+        print(f"ROAD combined on {args.images} real images, the most probable finding (mean, SE):\n")
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     loc_rows = []
     for ckpt in args.checkpoint:  # rows print as each model finishes, so a time limit keeps them
         predictor = Predictor(ckpt)
-        print(table(road(predictor, methods, args.images, args.road_images), header).split("\n", 2)[2],
-              flush=True)
+        if args.images:
+            print(table(road(predictor, methods, args.images, args.road_images), header).split("\n", 2)[2],
+                  flush=True)
         if not args.skip_localisation and "Cardiomegaly" in predictor.labels:
             loc_rows += [[predictor.ckpt.card["architecture"], *row] for row in localisation(predictor, methods)]
     if loc_rows:
