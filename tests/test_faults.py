@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -292,3 +293,21 @@ def test_a_read_only_results_folder_is_explained(tmp_path: Path, medai_home: Pat
             subprocess.run(["umount", str(runs)], check=True)
         else:
             runs.chmod(0o755)
+
+
+def test_atomic_writes_respect_the_umask_and_keep_an_existing_files_mode(tmp_path: Path):
+    from medai.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "model.md"
+        write_text(fresh, "card")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # not mkstemp's 0600
+        private = tmp_path / "secret.json"
+        private.write_text("{}")
+        private.chmod(0o600)
+        write_text(private, '{"a": 1}')
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == '{"a": 1}'
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    finally:
+        os.umask(old)
