@@ -136,9 +136,16 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
     card["intended_use"], card["limitations"] = NOT_FOR_DIAGNOSIS, info["limitations"]
     card["model_card"]["recipe"] = _recipe_file(cfg.name)
     save_checkpoint(source.model, card, target, dtype=torch.float16)
-    card["model_card"]["file_mb"] = round(target.stat().st_size / 2**20, 1)
-    write_text(target.with_suffix(".md"), render_card(card))
+    write_card_markdown(target, card)
     return target
+
+
+def write_card_markdown(weights: Path, card: dict[str, Any]) -> Path:
+    """``models/<name>.md`` beside the weights, with their size on disk (known only once they are saved)."""
+    card = {**card, "model_card": {**card["model_card"], "file_mb": round(weights.stat().st_size / 2**20, 1)}}
+    markdown = weights.with_suffix(".md")
+    write_text(markdown, render_card(card))
+    return markdown
 
 
 def _recipe_file(name: str) -> str | None:
@@ -190,8 +197,7 @@ def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
                          "not comparable")
     card["model_card"] = {**card["model_card"], "baseline": summary}
     save_checkpoint(loaded.model, card, shipped, dtype=torch.float16)
-    card["model_card"]["file_mb"] = round(shipped.stat().st_size / 2**20, 1)
-    write_text(shipped.with_suffix(".md"), render_card(card))
+    write_card_markdown(shipped, card)
     return shipped
 
 

@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from medai.inference import Predictor
 from medai.models.checkpoint import read_card
+from medai.shipping import render_card
 from tests.conftest import ROOT, need
 
 SHIPPED = sorted((ROOT / "models").glob("*.safetensors"))
@@ -39,6 +40,9 @@ def test_card_is_complete_and_rendered(path: Path):
     assert "not for diagnosis" in mc["intended_use"] and mc["limitations"]
     md = path.with_suffix(".md").read_text()
     assert f"# Model card: {path.stem}" in md and "## Known limitations" in md
+    # the Markdown is the card as stored, not an older rendering, and gives the weights' size on disk
+    assert md == render_card({**card, "model_card": {**mc, "file_mb": round(path.stat().st_size / 2**20, 1)}})
+    assert f"({path.stat().st_size / 2**20:.1f} MB)" in md
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
