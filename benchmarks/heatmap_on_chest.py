@@ -8,6 +8,8 @@ Films are taken evenly from both classes (sorted names, every k-th), through the
 Analyze page and the API (`medai.analysis.analyze_and_explain`); a film the input gate refuses or whose
 anatomy is not found is counted, not scored. Share = heatmap mass inside the right lung, left lung and
 heart masks over its total; "warned" = the films whose share is under 50% (the shortcut warning readers see).
+The last row is chance: a flat heatmap, whose share is the lungs' and heart's part of the film's area. A model
+scores above it only by preferring the chest.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
+
 from _common import DATA, machine, table
 
 from medai.analysis import analyze_and_explain
+from medai.explain.anatomy import attention_shares
 from medai.inference import Predictor
 
 INSIDE = ("right_lung", "left_lung", "heart")
@@ -33,7 +38,8 @@ def films(n: int) -> list:
     return out
 
 
-def shares(checkpoint: str, paths: list, finding: str, method: str | None) -> list[object]:
+def shares(checkpoint: str, paths: list, finding: str, method: str | None, flat: list[float]) -> list[object]:
+    """One table row; ``flat`` collects a flat heatmap's share on each scored film (the chance row)."""
     predictor = Predictor(checkpoint)
     inside, refused, no_anatomy = [], 0, 0
     for path in paths:
@@ -44,11 +50,17 @@ def shares(checkpoint: str, paths: list, finding: str, method: str | None) -> li
             no_anatomy += 1
         else:
             inside.append(sum(exp.shares[finding].get(region, 0.0) for region in INSIDE))
+            if len(flat) < len(paths):
+                uniform = attention_shares(np.ones((64, 64)), exp.anatomy)
+                flat.append(sum(uniform.get(region, 0.0) for region in INSIDE))
     head = [checkpoint.rsplit("/", 1)[-1], method or predictor.model.cam_method, len(paths), refused, no_anatomy]
+    return head + summary(inside)
+
+
+def summary(inside: list[float]) -> list[object]:
     if not inside:
-        return head + ["-", "-", "-"]
-    return head + [statistics.mean(inside), statistics.median(inside),
-                   f"{sum(s < 0.5 for s in inside) / len(inside):.0%}"]
+        return ["-", "-", "-"]
+    return [statistics.mean(inside), statistics.median(inside), f"{sum(s < 0.5 for s in inside) / len(inside):.0%}"]
 
 
 def main() -> None:
@@ -59,7 +71,9 @@ def main() -> None:
     parser.add_argument("--method", help="CAM method (default: each model's own)")
     args = parser.parse_args()
     paths = films(args.images)
-    rows = [shares(c, paths, args.finding, args.method) for c in args.checkpoint]
+    flat: list[float] = []
+    rows = [shares(c, paths, args.finding, args.method, flat) for c in args.checkpoint]
+    rows.append(["chance: a flat heatmap", "-", len(flat), "-", "-", *summary(flat)])
     print(f"## Heatmap share on lungs + heart, Kermany val, {args.finding} ({machine()})\n")
     print(table(rows, ["checkpoint", "method", "films", "refused", "no anatomy", "mean share", "median share",
                        "warned (< 50%)"]))
