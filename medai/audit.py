@@ -44,6 +44,7 @@ class AuditAction(StrEnum):
     PACS_SEND_FAILED = "pacs_send_failed"
     PACS_RESEND = "pacs_resend"
     PACS_OPENED = "pacs_opened"
+    PACS_PRUNED = "pacs_pruned"
 
 
 def _value(value: Any) -> str:

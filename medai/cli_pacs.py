@@ -40,6 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     qu = psub.add_parser("queue", help="the node's work queue (newest first)")
     qu.add_argument("--priority", action="store_true", help="most urgent first")
     qu.add_argument("--json", action="store_true")
+    pr = psub.add_parser("prune", help="retention: delete the files of items finished more than N days ago "
+                         "(the worklist, History and audit rows stay)")
+    pr.add_argument("--older-than-days", type=float, required=True)
+    pr.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
 
 
 def _predictor(model: str | None) -> tuple[Any, str]:
@@ -134,6 +138,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from medai.errors import ConfigError
+    from medai.pacs.work import prune
+    from medai.store import Store
+
+    if args.older_than_days < 0:
+        raise ConfigError("--older-than-days must be 0 or more")
+    items, freed = prune(Store(), args.older_than_days * 86400, dry_run=args.dry_run)
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{items} finished item(s) older than {args.older_than_days:g} days: {verb} {freed / 2**20:.1f} MB")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from medai.pacs.settings import load
 
@@ -144,4 +161,6 @@ def run(args: argparse.Namespace) -> int:
         return cmd_analyze(cfg, args.study_uid)
     if args.pacs_command == "studies":
         return cmd_studies(cfg, args)
+    if args.pacs_command == "prune":
+        return cmd_prune(args)
     return cmd_queue(args)

@@ -346,3 +346,45 @@ def test_dicomweb_lists_studies_with_ai_status_and_analyses_one_back_into_it(ort
     assert again.returncode == 0 and len(results_in(orthanc, study, timeout=5)["SR"]) == 1  # once, not twice
     unreachable = run_cli("pacs", "studies", "--url", "http://127.0.0.1:9/dicom-web")
     assert unreachable.returncode == 2 and "QIDO-RS search" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def test_retention_deletes_only_finished_items_files_and_keeps_their_history(medai_home):
+    """``medai pacs prune``: the received image and result objects of sent (and failed) items older than the
+    limit go; an item analysed but not yet delivered, a recent one, the worklist rows, History and audit stay."""
+    from medai.inference import Predictor
+    from medai.pacs import queue, work
+    from medai.store import Store
+
+    store, predictor = Store(), Predictor(ROOT / "models" / f"{MODEL}.safetensors")
+    study = generate_uid()
+    for png in kermany_pngs(3):
+        assert work.receive(store, dx_from_png(png, study), predictor, MODEL)[0] == queue.QUEUED
+    assert work.receive(store, dx_from_png(kermany_pngs(1)[0], study, body_part="FOOT"), predictor, MODEL)[0] == queue.SKIPPED
+    while (item := queue.claim(store)) is not None:
+        work.analyse(store, item, predictor)
+    old_sent, undelivered, recent_sent = queue.items(store, states=(queue.DONE,))[::-1]
+    for item in (old_sent, recent_sent):
+        queue.update(store, item["id"], state=queue.SENT)
+    week_ago = time.time() - 8 * 86400
+    with store.connect() as conn:  # age two items past the limit
+        conn.execute("UPDATE pacs_queue SET updated_at = ? WHERE id IN (?, ?)", (week_ago, old_sent["id"], undelivered["id"]))
+    files = {i["id"]: [Path(i["path"]), *Path(i["result"]["outbox"]).glob("*.dcm")]
+             for i in (old_sent, undelivered, recent_sent)}
+    assert all(len(f) >= 2 and all(p.is_file() for p in f) for f in files.values())  # image + SR at least
+    history = len(store.history())
+
+    dry = run_cli("pacs", "prune", "--older-than-days", "7", "--dry-run", check=True)
+    assert "1 finished item(s)" in dry.stdout and "would free" in dry.stdout
+    assert all(p.is_file() for f in files.values() for p in f)
+    done = run_cli("pacs", "prune", "--older-than-days", "7", check=True)
+    assert "1 finished item(s)" in done.stdout and "freed" in done.stdout
+    assert not any(p.exists() for p in files[old_sent["id"]])
+    assert all(p.is_file() for i in (undelivered, recent_sent) for p in files[i["id"]])
+
+    rows = {r["id"]: r for r in queue.items(store)}
+    assert len(rows) == 4 and rows[old_sent["id"]]["state"] == queue.SENT and rows[old_sent["id"]]["path"] is None
+    assert rows[old_sent["id"]]["findings"] == old_sent["findings"]  # what was found stays on the worklist
+    assert len(store.history()) == history
+    assert queue.resend(store, study) == 1  # the recent one only: the pruned item has nothing left to send
+    assert len(store.audit_log(action="pacs_pruned")) == 1
+    assert run_cli("pacs", "prune", "--older-than-days", "7", check=True).stdout.startswith("0 finished")

@@ -5,6 +5,8 @@ States: ``queued`` (received, file in the inbox) -> ``analysing`` (leased by a w
 out, e.g. after ``kill -9``, puts it back in reach) -> ``done`` (results written to the outbox, not yet
 delivered; retried with backoff while the destination is unreachable) -> ``sent``. ``skipped`` (not a
 chest radiograph the model reads, with the reason) and ``failed`` (unreadable, with the reason) are final.
+Retention (``medai pacs prune``) deletes a final item's files after a while; its row stays, with ``path``
+NULL and the result's ``outbox`` NULL, so the worklist keeps the history and a pruned item is not re-sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from medai.store import Store
 
 QUEUED, ANALYSING, DONE, SENT, SKIPPED, FAILED = "queued", "analysing", "done", "sent", "skipped", "failed"
 STATES = (QUEUED, ANALYSING, DONE, SENT, SKIPPED, FAILED)
+FINAL = (SENT, SKIPPED, FAILED)  # nothing more will be done with these; ``done`` still waits to be sent
 LEASE_S = 300.0  # a worker that has not finished an analysis in this long is presumed dead
 BACKOFF_S = (5, 15, 60, 300, 900)  # wait before the n-th retry of a delivery (the last repeats)
 
@@ -94,7 +97,16 @@ def resend(store: Store, study_uid: str) -> int:
     """Deliver a study's results again (they are replaced, not duplicated: same UIDs)."""
     with store.connect() as conn:
         return conn.execute("UPDATE pacs_queue SET state = ?, next_try = 0, attempts = 0, updated_at = ? "
-                            "WHERE study_uid = ? AND state = ?", (DONE, time.time(), study_uid, SENT)).rowcount
+                            "WHERE study_uid = ? AND state = ? AND path IS NOT NULL",
+                            (DONE, time.time(), study_uid, SENT)).rowcount
+
+
+def finished_before(store: Store, cutoff: float) -> list[dict[str, Any]]:
+    """Final items last changed before ``cutoff`` that still have files (a received image or results)."""
+    with store.connect() as conn:
+        return [_row(r) for r in conn.execute(
+            f"SELECT * FROM pacs_queue WHERE state IN ({', '.join('?' * len(FINAL))}) AND updated_at < ? "
+            "AND (path IS NOT NULL OR result IS NOT NULL) ORDER BY id", (*FINAL, cutoff))]
 
 
 def items(store: Store, states: tuple[str, ...] | None = None, since: float | None = None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,29 @@ def deliver(store: Store, item: dict[str, Any], endpoint: Endpoint) -> bool:
                 objects=len(files))
     return True
 
+
+
+def prune(store: Store, older_than_s: float, dry_run: bool = False) -> tuple[int, int]:
+    """Retention: delete the received image and the result objects of items finished (sent, skipped,
+    failed) more than ``older_than_s`` ago. What the node found stays: the queue row (worklist), the
+    History row and the audit log; the PACS keeps the study and our results in it. Returns (items, bytes)."""
+    items, freed = 0, 0
+    for item in queue.finished_before(store, time.time() - older_than_s):
+        outbox = (item["result"] or {}).get("outbox")
+        files = [Path(item["path"])] if item["path"] else []
+        files += sorted(Path(outbox).glob("*")) if outbox else []
+        if not files and not outbox:
+            continue
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        items, freed = items + 1, freed + size
+        if dry_run:
+            continue
+        for f in files:
+            f.unlink(missing_ok=True)
+        if outbox:
+            shutil.rmtree(outbox, ignore_errors=True)
+        result = {**item["result"], "outbox": None} if item["result"] else None
+        queue.update(store, item["id"], path=None, result=result)
+        store.audit(NODE_USER, AuditAction.PACS_PRUNED, sop_uid=item["sop_uid"], study_uid=item["study_uid"],
+                    bytes=size)
+    return items, freed

@@ -43,7 +43,11 @@ def _study_actions(db: Store, user: User, rows: list[dict]) -> None:
     study = st.selectbox("Study", studies, key="pacs_study")
     images = [r for r in rows if r["study_uid"] == study and r["path"] and Path(r["path"]).is_file()]
     c1, c2 = st.columns(2)
-    if c1.button("Open on Analyze", disabled=not images, icon=":material/radiology:"):
+    pruned = not images and any(r["study_uid"] == study and r["state"] in queue.FINAL and r["result"]
+                                and not r["result"].get("outbox") for r in rows)
+    if c1.button("Open on Analyze", disabled=not images, icon=":material/radiology:",
+                 help="Retention (`medai pacs prune`) deleted this study's received images; History keeps "
+                      "what was analysed, the PACS the study." if pruned else None):
         st.session_state[OPEN_KEY] = [(f"{r['sop_uid']}.dcm", Path(r["path"]).read_bytes()) for r in images]
         db.audit(user.username, AuditAction.PACS_OPENED, study_uid=study)
         st.switch_page("pages/analyze.py")
