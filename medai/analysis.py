@@ -228,19 +228,26 @@ def _png_of(pixels: np.ndarray) -> bytes:
 
 
 def record(username: str, analysis: Analysis, card: dict[str, Any], thresholds: dict[str, float],
-           store: Any = None, dicom_uids: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+           store: Any = None, dicom_uids: dict[str, str] | None = None,
+           replace: int | None = None) -> tuple[int, dict[str, Any]]:
     """History row and audit entry at the thresholds the reader sees: hashes, model and findings (or the
     refusal); pixels only if the admin allows it. ``dicom_uids`` (Study / SOP Instance UID) link a row to
-    its study in the PACS. Returns the row's id and the stored result."""
+    its study in the PACS. ``replace``: the id of a row this same analysis wrote before (the PACS node
+    killed before it marked the item done), overwritten instead of a second row. Returns the row's id and
+    the stored result."""
     from medai.store import Store
 
     db = store or Store()
-    pixels = _png_of(analysis.image.pixels) if db.get_setting("store_pixels") else None
     result = result_dict(analysis, thresholds, card)
     if dicom_uids:
         result["dicom"] = dict(dicom_uids)
-    entry_id = db.add_history(username, analysis.model_name, analysis.model_sha256, analysis.file_name,
-                              analysis.image_sha256, result["findings"], result, pixels)
+    if replace is not None:
+        db.update_history_result(replace, result["findings"], result)
+        entry_id = replace
+    else:
+        pixels = _png_of(analysis.image.pixels) if db.get_setting("store_pixels") else None
+        entry_id = db.add_history(username, analysis.model_name, analysis.model_sha256, analysis.file_name,
+                                  analysis.image_sha256, result["findings"], result, pixels)
     db.audit(username, AuditAction.ANALYSIS, model=analysis.model_name, image_sha256=analysis.image_sha256,
              findings=result["findings"], status=result["status"])
     return entry_id, result

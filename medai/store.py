@@ -215,6 +215,14 @@ class Store:
                  json.dumps(result), pixels))
             return int(cur.lastrowid)
 
+    def history_id_for_instance(self, username: str, model_sha256: str, sop_uid: str) -> int | None:
+        """The row ``username`` (the PACS node) wrote for this SOP instance with this model, if any."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT id FROM history WHERE username = ? AND model_sha256 = ? AND "
+                               "json_extract(result, '$.dicom.sop_uid') = ? ORDER BY id LIMIT 1",
+                               (username, model_sha256, sop_uid)).fetchone()
+        return int(row["id"]) if row else None
+
     def update_history_result(self, entry_id: int, findings: list[str], result: dict[str, Any]) -> None:
         """Re-decided by the reader (thresholds) or completed (explanation): the stored result follows."""
         with self.connect() as conn:

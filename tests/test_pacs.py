@@ -388,3 +388,32 @@ def test_retention_deletes_only_finished_items_files_and_keeps_their_history(med
     assert queue.resend(store, study) == 1  # the recent one only: the pruned item has nothing left to send
     assert len(store.audit_log(action="pacs_pruned")) == 1
     assert run_cli("pacs", "prune", "--older-than-days", "7", check=True).stdout.startswith("0 finished")
+
+
+def test_a_worker_killed_after_history_but_before_done_leaves_one_history_row(medai_home, monkeypatch):
+    """The History row is written before the item is marked done; a worker dying in between analyses the
+    image again after its lease, and that second analysis overwrites the first row instead of adding one."""
+    from medai.inference import Predictor
+    from medai.pacs import queue, work
+    from medai.store import Store
+
+    store, predictor = Store(), Predictor(ROOT / "models" / f"{MODEL}.safetensors")
+    assert work.receive(store, dx_from_png(kermany_pngs(1)[0], generate_uid()), predictor, MODEL)[0] == queue.QUEUED
+    real_update = queue.update
+
+    def die_at_done(store_, item_id, **fields):
+        if fields.get("state") == queue.DONE:
+            raise SystemExit("killed")  # the process ends here: History written, the item still analysing
+        real_update(store_, item_id, **fields)
+
+    monkeypatch.setattr(queue, "update", die_at_done)
+    with pytest.raises(SystemExit):
+        work.analyse(store, queue.claim(store, lease_s=0), predictor)
+    monkeypatch.setattr(queue, "update", real_update)
+    assert len(store.history()) == 1 and queue.items(store)[0]["state"] == queue.ANALYSING
+    again = queue.claim(store)  # the lease ran out: the item is back in reach
+    assert again is not None
+    work.analyse(store, again, predictor)
+    assert queue.items(store)[0]["state"] == queue.DONE
+    rows = store.history()
+    assert len(rows) == 1 and rows[0].result["dicom"]["sop_uid"] == again["sop_uid"]

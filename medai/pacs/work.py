@@ -127,7 +127,8 @@ def analyse(store: Store, item: dict[str, Any], predictor: Predictor) -> None:
         with atomic_open(outbox / f"{ds.SOPInstanceUID}.dcm", "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
     analysis.record(NODE_USER, an, predictor.ckpt.card, dict(an.prediction.thresholds), store=store,
-                                dicom_uids={"study_uid": item["study_uid"], "sop_uid": item["sop_uid"]})
+                    dicom_uids={"study_uid": item["study_uid"], "sop_uid": item["sop_uid"]},
+                    replace=store.history_id_for_instance(NODE_USER, item["model_sha256"], item["sop_uid"]))
     urgent = max([r.probability for r in positive if r.finding in URGENT] or [0.0])
     queue.update(store, item["id"], state=queue.DONE, reason="", findings=[r.finding for r in positive],
                  priority=urgent, next_try=0, attempts=0,
