@@ -161,7 +161,6 @@ def deliver(store: Store, item: dict[str, Any], endpoint: Endpoint) -> bool:
     return True
 
 
-
 def prune(store: Store, older_than_s: float, dry_run: bool = False) -> tuple[int, int]:
     """Retention: delete the received image and the result objects of items finished (sent, skipped,
     failed) more than ``older_than_s`` ago. What the node found stays: the queue row (worklist), the
