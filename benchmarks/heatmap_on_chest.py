@@ -38,8 +38,9 @@ def films(n: int) -> list:
     return out
 
 
-def shares(checkpoint: str, paths: list, finding: str, method: str | None, flat: list[float]) -> list[object]:
-    """One table row; ``flat`` collects a flat heatmap's share on each scored film (the chance row)."""
+def shares(checkpoint: str, paths: list, finding: str, method: str | None, flat: dict[str, float]) -> list[object]:
+    """One table row; ``flat`` collects a flat heatmap's share per scored film (the chance row), once per
+    film whichever model scored it (the anatomy does not depend on the model)."""
     predictor = Predictor(checkpoint)
     inside, refused, no_anatomy = [], 0, 0
     for path in paths:
@@ -50,9 +51,9 @@ def shares(checkpoint: str, paths: list, finding: str, method: str | None, flat:
             no_anatomy += 1
         else:
             inside.append(sum(exp.shares[finding].get(region, 0.0) for region in INSIDE))
-            if len(flat) < len(paths):
+            if path.name not in flat:
                 uniform = attention_shares(np.ones((64, 64)), exp.anatomy)
-                flat.append(sum(uniform.get(region, 0.0) for region in INSIDE))
+                flat[path.name] = sum(uniform.get(region, 0.0) for region in INSIDE)
     head = [checkpoint.rsplit("/", 1)[-1], method or predictor.model.cam_method, len(paths), refused, no_anatomy]
     return head + summary(inside)
 
@@ -71,9 +72,9 @@ def main() -> None:
     parser.add_argument("--method", help="CAM method (default: each model's own)")
     args = parser.parse_args()
     paths = films(args.images)
-    flat: list[float] = []
+    flat: dict[str, float] = {}
     rows = [shares(c, paths, args.finding, args.method, flat) for c in args.checkpoint]
-    rows.append(["chance: a flat heatmap", "-", len(flat), "-", "-", *summary(flat)])
+    rows.append(["chance: a flat heatmap", "-", len(flat), "-", "-", *summary(list(flat.values()))])
     print(f"## Heatmap share on lungs + heart, Kermany val, {args.finding} ({machine()})\n")
     print(table(rows, ["checkpoint", "method", "films", "refused", "no anatomy", "mean share", "median share",
                        "warned (< 50%)"]))

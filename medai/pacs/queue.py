@@ -106,7 +106,7 @@ def finished_before(store: Store, cutoff: float) -> list[dict[str, Any]]:
     with store.connect() as conn:
         return [_row(r) for r in conn.execute(
             f"SELECT * FROM pacs_queue WHERE state IN ({', '.join('?' * len(FINAL))}) AND updated_at < ? "
-            "AND (path IS NOT NULL OR result IS NOT NULL) ORDER BY id", (*FINAL, cutoff))]
+            "AND (path IS NOT NULL OR json_extract(result, '$.outbox') IS NOT NULL) ORDER BY id", (*FINAL, cutoff))]
 
 
 def items(store: Store, states: tuple[str, ...] | None = None, since: float | None = None,

@@ -167,17 +167,15 @@ def prune(store: Store, older_than_s: float, dry_run: bool = False) -> tuple[int
     History row and the audit log; the PACS keeps the study and our results in it. Returns (items, bytes)."""
     items, freed = 0, 0
     for item in queue.finished_before(store, time.time() - older_than_s):
-        outbox = (item["result"] or {}).get("outbox")
-        files = [Path(item["path"])] if item["path"] else []
-        files += sorted(Path(outbox).glob("*")) if outbox else []
-        if not files and not outbox:
-            continue
-        size = sum(f.stat().st_size for f in files if f.is_file())
+        image = Path(item["path"]) if item["path"] else None
+        outbox = Path(item["result"]["outbox"]) if item["result"] and item["result"].get("outbox") else None
+        files = [f for f in [image, *(outbox.glob("*") if outbox else [])] if f is not None and f.is_file()]
+        size = sum(f.stat().st_size for f in files)
         items, freed = items + 1, freed + size
         if dry_run:
             continue
-        for f in files:
-            f.unlink(missing_ok=True)
+        if image:
+            image.unlink(missing_ok=True)
         if outbox:
             shutil.rmtree(outbox, ignore_errors=True)
         result = {**item["result"], "outbox": None} if item["result"] else None

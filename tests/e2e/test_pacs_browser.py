@@ -37,7 +37,8 @@ def _node_analysed(home: Path, monkeypatch) -> tuple[str, str, list[str]]:
             queue.update(db, item["id"], state=queue.SENT)
     with db.connect() as conn:
         conn.execute("UPDATE pacs_queue SET updated_at = ? WHERE study_uid = ?", (time.time() - 40 * 86400, old))
-    assert work.prune(db, 30 * 86400) == (1, pytest.approx(1, abs=10**9))
+    pruned, freed = work.prune(db, 30 * 86400)
+    assert pruned == 1 and freed > 0
     return fresh, old, [i["sop_uid"] for i in queue.items(db) if i["study_uid"] == fresh]
 
 
@@ -66,5 +67,3 @@ def test_a_study_from_the_worklist_opens_on_analyze_and_a_pruned_one_says_why_no
     page.get_by_text("2 images").wait_for(timeout=180_000)  # Analyze took both images of the study
     page.get_by_role("heading", name=f"{sorted(sops)[0]}.dcm").or_(
         page.get_by_role("heading", name=f"{sorted(sops)[1]}.dcm")).first.wait_for(timeout=180_000)
-    settle(page)
-    assert "PACS" in page.locator("body").inner_text() or "Analyze" in page.url
