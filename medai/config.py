@@ -85,6 +85,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
+    # anatomy-guided training: add this weight x the share of each class's Grad-CAM outside the learned lungs
+    # and heart (medai/training/attention.py); 0 = off. Chest films only; others add nothing
+    attention_loss: float = 0.0
     ema_decay: float = 0.0  # average the weights over steps (e.g. 0.998); 0 = off. The average is validated and kept
     class_weighting: bool = True  # pos_weight (multi-label) / class weights (multi-class)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -258,6 +261,9 @@ def validate(cfg: ExperimentConfig) -> None:
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
         (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),
+        (t.attention_loss >= 0, "train.attention_loss", "must be >= 0 (0 = off)"),
+        (not (t.attention_loss and t.nproc_per_node > 1), "train.attention_loss",
+         "is not supported with train.nproc_per_node > 1 (its second-order gradients are untested under DDP)"),
         (16 <= p.image_size <= 2048, "preprocess.image_size", "must be between 16 and 2048"),
         (p.std > 0, "preprocess.std", "must be > 0"),
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),

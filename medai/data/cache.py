@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,20 @@ class DecodeCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, data: bytes, size: int) -> Path:
+    def key(self, data: bytes, size: int, kind: str = CACHE_VERSION) -> Path:
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        return self.root / f"{CACHE_VERSION}-{size}" / digest[:2] / f"{digest}.npy"
+        return self.root / f"{kind}-{size}" / digest[:2] / f"{digest}.npy"
 
     def load(self, path: str | os.PathLike, size: int) -> np.ndarray:
+        return self.cached(path, size, CACHE_VERSION, lambda data: resize_to_uint8(
+            decode_image(data, name=Path(path).name).pixels, size))
+
+    def cached(self, path: str | os.PathLike, size: int, kind: str,
+               compute: Callable[[bytes], np.ndarray]) -> np.ndarray:
+        """A uint8 size x size array derived from a file's bytes: read from the cache folder ``kind``, or
+        computed from the bytes and stored."""
         data = Path(path).read_bytes()
-        entry = self.key(data, size)
+        entry = self.key(data, size, kind)
         if entry.is_file():
             try:
                 arr = np.load(entry, allow_pickle=False)
@@ -45,7 +53,7 @@ class DecodeCache:
                 pass
             log.warning("decode cache entry %s is damaged; recomputing", entry.name)
         self.misses += 1
-        arr = resize_to_uint8(decode_image(data, name=Path(path).name).pixels, size)
+        arr = compute(data)
         self._store(entry, arr)
         return arr
 

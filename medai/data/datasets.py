@@ -339,14 +339,19 @@ def assign_patient_splits(records: list[Record], val_fraction: float, test_fract
 
 # ----------------------------------------------------------------------------------------------- dataset
 class XrayDataset(Dataset):
-    """Records -> ``(image 1xSxS float32, target, id, patient_id)``, decoding through the disk cache."""
+    """Records -> ``(image 1xSxS float32, target, id, patient_id)``, decoding through the disk cache.
+
+    With ``masks`` (a callable from a record's source to a uint8 SxS mask, e.g.
+    :class:`medai.training.attention.ChestMasks`) each sample gets a fifth item: that mask as float 1xSxS,
+    augmented together with the image."""
 
     def __init__(self, records: list[Record], spec: PreprocessSpec, cache: DecodeCache | None = None,
-                 augment: Any = None):
+                 augment: Any = None, masks: Any = None):
         self.records = records
         self.spec = spec
         self.cache = cache
         self.augment = augment
+        self.masks = masks
         self._arrays: dict[tuple[str, str], np.ndarray] = {}  # MedMNIST arrays, read once
 
     def __len__(self) -> int:
@@ -368,7 +373,9 @@ class XrayDataset(Dataset):
 
         return resize_to_uint8(decode_image(rec.source).pixels, self.spec.image_size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    def __getitem__(self, index: int) -> tuple:
         rec = self.records[index]
-        image = augment_and_normalise(self.load_uint8(rec), self.spec, self.augment)
-        return image, torch.from_numpy(rec.target), rec.id, rec.patient_id
+        mask = None if self.masks is None else self.masks(rec.source)
+        image, mask_t = augment_and_normalise(self.load_uint8(rec), self.spec, self.augment, mask)
+        sample = (image, torch.from_numpy(rec.target), rec.id, rec.patient_id)
+        return sample if mask_t is None else (*sample, mask_t)

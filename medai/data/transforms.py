@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from medai.config import AugmentConfig
@@ -78,39 +79,50 @@ def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
     return v2.Compose(ops) if ops else None
 
 
-class RandomCropBack(torch.nn.Module):
+class RandomCropBack(v2.Transform):
     """A random crop of at least ``min_area`` of the image (aspect within 3:4-4:3) resized back to its
-    size: markers and borders move or leave the frame, so their place tells the model nothing."""
+    size: markers and borders move or leave the frame, so their place tells the model nothing. A mask
+    passed along (``tv_tensors.Mask``) gets the same crop, resized with nearest neighbours."""
 
     def __init__(self, min_area: float):
         super().__init__()
         self.scale, self.ratio = [min_area, 1.0], [0.75, 4 / 3]
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def make_params(self, flat_inputs: list) -> dict:
+        image = flat_inputs[0]
         i, j, h, w = v2.RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        return v2.functional.resized_crop(image, i, j, h, w, list(image.shape[-2:]), antialias=True)
+        return {"box": (i, j, h, w), "size": list(image.shape[-2:])}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return v2.functional.resized_crop(inpt, *params["box"], params["size"], antialias=True)
 
     def extra_repr(self) -> str:
         return f"min_area={self.scale[0]}"
 
 
-class EraseBorder(torch.nn.Module):
+class EraseBorder(v2.Transform):
     """With probability ``p`` per edge, a band of 2-15% of the side along that edge set to one random grey
-    level: text, side markers and collimator edges live there, the lungs do not."""
+    level: text, side markers and collimator edges live there, the lungs do not. Masks pass unchanged."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = image.clone()
-        h, w = out.shape[-2:]
+    def make_params(self, flat_inputs: list) -> dict:
+        bands = []
         for edge in range(4):
-            if float(torch.rand(())) >= self.p:
-                continue
-            side = h if edge < 2 else w
-            band = max(1, int(side * float(torch.empty(()).uniform_(0.02, 0.15))))
-            grey = int(torch.randint(0, 256, ())) if out.dtype == torch.uint8 else float(torch.rand(()))
+            if float(torch.rand(())) < self.p:
+                bands.append((edge, float(torch.empty(()).uniform_(0.02, 0.15)), float(torch.rand(()))))
+        return {"bands": bands}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        if isinstance(inpt, tv_tensors.Mask) or not params["bands"]:
+            return inpt
+        out = inpt.clone()
+        h, w = out.shape[-2:]
+        for edge, share, level in params["bands"]:
+            band = max(1, int((h if edge < 2 else w) * share))
+            grey = min(255, int(level * 256)) if out.dtype == torch.uint8 else level
             region = (out[..., :band, :], out[..., h - band:, :], out[..., :, :band], out[..., :, w - band:])[edge]
             region.fill_(grey)
         return out
@@ -119,9 +131,19 @@ class EraseBorder(torch.nn.Module):
         return f"p={self.p}"
 
 
-def augment_and_normalise(arr: np.ndarray, spec: PreprocessSpec,
-                          augment: v2.Transform | None) -> torch.Tensor:
+def augment_and_normalise(arr: np.ndarray, spec: PreprocessSpec, augment: v2.Transform | None,
+                          mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 SxS (and optionally a uint8 SxS mask, 255 = inside) -> the normalised 1xSxS input and the
+    mask as float 1xSxS in [0, 1], moved by the same crop and affine as the image (nearest neighbours)."""
+    mask_t = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0)
     if augment is None:
-        return to_tensor(arr, spec)
-    t = augment(torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0))
-    return t.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)
+        image = to_tensor(arr, spec)
+    else:
+        image_u8 = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0)
+        if mask_t is None:
+            image_u8 = augment(image_u8)
+        else:
+            image_u8, mask_t = augment(tv_tensors.Image(image_u8), tv_tensors.Mask(mask_t))
+            image_u8, mask_t = image_u8.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor)
+        image = image_u8.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)
+    return image, None if mask_t is None else mask_t.to(torch.float32).div_(255.0)

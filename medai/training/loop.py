@@ -113,18 +113,56 @@ class StepClock:
         return self.seconds / self.timed_steps * max(0, self.total_steps - self.step)
 
 
+def _loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
+          loss_fn: nn.Module, prec: Precision, cfg: TrainConfig,
+          attention: Callable | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's loss, and the heatmap share outside the masks when the attention term is on."""
+    outside = None
+    with prec.autocast():
+        if masks is not None:
+            logits, outside = attention(model, images, targets, masks)
+        else:
+            logits = model(images)
+    loss = loss_fn(logits.float(), targets)
+    return (loss if outside is None else loss + cfg.attention_loss * outside), outside
+
+
+def _optimise(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, prec: Precision,
+              cfg: TrainConfig) -> None:
+    """Backward (scaled for fp16), gradient clipping and the optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    if prec.scaler is not None:
+        prec.scaler.scale(loss).backward()
+        prec.scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if prec.scaler is not None:
+        prec.scaler.step(optimizer)
+        prec.scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, prec: Precision, cfg: TrainConfig, clock: StepClock, epoch: int,
                     lr_at: Callable[[int], float], on_step: Callable[[dict], None],
                     should_stop: Callable[[], bool], seen: list[str] | None = None,
-                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                    after_step: Callable[[], None] | None = None,
+                    attention: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+                    ) -> dict[str, float]:
     """One epoch; ``seen`` (when given) collects the ids of the images trained on, in order;
-    ``after_step`` (when given) runs after every optimiser step (the weight average's update)."""
+    ``after_step`` (when given) runs after every optimiser step (the weight average's update);
+    ``attention`` (when given, with batches that carry masks) returns the logits and the heatmap share
+    outside the masks, added to the loss with weight ``cfg.attention_loss``
+    (:func:`medai.training.attention.outside_share`)."""
     model.train()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    total_loss, count = 0.0, 0
+    total_loss, count, outside_sum, outside_n = 0.0, 0, 0.0, 0
     t_last = time.perf_counter()
-    for i, (images, targets, ids, _patients) in enumerate(loader):
+    for i, batch in enumerate(loader):
+        images, targets, ids = batch[0], batch[1], batch[2]
         if cfg.max_steps_per_epoch is not None and i >= cfg.max_steps_per_epoch:
             break
         if should_stop():
@@ -136,34 +174,29 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         lr = lr_at(clock.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with prec.autocast():
-            logits = model(images)
-        loss = loss_fn(logits.float(), targets)
+        masks = batch[4].to(prec.device, non_blocking=True) if attention is not None and len(batch) > 4 else None
+        loss, outside = _loss(model, images, targets, masks, loss_fn, prec, cfg, attention)
+        if outside is not None:
+            outside_sum, outside_n = outside_sum + outside.item(), outside_n + 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {clock.step}; lower "
                                      "train.lr or turn train.amp off")
-        optimizer.zero_grad(set_to_none=True)
-        if prec.scaler is not None:
-            prec.scaler.scale(loss).backward()
-            prec.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if prec.scaler is not None:
-            prec.scaler.step(optimizer)
-            prec.scaler.update()
-        else:
-            optimizer.step()
+        _optimise(loss, model, optimizer, prec, cfg)
         if after_step is not None:
             after_step()
-        batch = images.shape[0]
-        total_loss += loss.item() * batch
-        count += batch
+        size = images.shape[0]
+        total_loss += loss.item() * size
+        count += size
         now = time.perf_counter()
-        clock.tick(batch, now - t_last)
+        clock.tick(size, now - t_last)
         t_last = now
         if clock.step % cfg.log_every == 0:
-            on_step({"type": "step", "epoch": epoch, "step": clock.step, "loss": loss.item(), "lr": lr,
-                     "images_per_s": clock.images_per_s(), "eta_s": clock.eta_s(), "time": time.time()})
-    return {"loss": total_loss / max(count, 1)}
+            record = {"type": "step", "epoch": epoch, "step": clock.step, "loss": loss.item(), "lr": lr,
+                      "images_per_s": clock.images_per_s(), "eta_s": clock.eta_s(), "time": time.time()}
+            if outside is not None:
+                record["cam_outside"] = outside.item()
+            on_step(record)
+    result = {"loss": total_loss / max(count, 1)}
+    if outside_n:
+        result["cam_outside"] = outside_sum / outside_n
+    return result

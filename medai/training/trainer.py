@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medai import runs
-from medai.atomic import atomic_path
 from medai.config import ExperimentConfig
 from medai.data.cache import DecodeCache
 from medai.data.datasets import Record, XrayDataset, cap_records, load_records
@@ -40,7 +39,7 @@ from medai.models.checkpoint import new_card, save_checkpoint
 from medai.models.registry import model_kwargs as sized_kwargs
 from medai.paths import cache_dir
 from medai.precision import resolve_device, resolve_precision
-from medai.training import card, distributed
+from medai.training import attention, card, distributed, resume_state
 from medai.training.callbacks import Callback, ProgressFile, StatusFile
 from medai.training.distributed import SINGLE, DistContext
 from medai.training.ema import WeightAverage
@@ -100,7 +99,7 @@ class Trainer:
     def _loader(self, records: list[Record], train: bool, epoch: int = 0) -> DataLoader:
         t = self.cfg.train
         ds = XrayDataset(records, self.spec, DecodeCache(cache_dir()) if t.cache else None,
-                         build_augmentation(self.cfg.augment) if train else None)
+                         build_augmentation(self.cfg.augment) if train else None, self._masks if train else None)
         gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)
         sampler = None
         if train and self.ctx.enabled:
@@ -168,6 +167,7 @@ class Trainer:
         self.prec = resolve_precision(t.amp, distributed.device_for(resolve_device(t.device), ctx))
         self.spec = PreprocessSpec(cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std)
         recset, train, val = self._data()
+        self._masks = attention.chest_masks(cache_dir(), self.spec.image_size) if t.attention_loss else None
         self.labels, self.kind = recset.labels, recset.kind
         kwargs = sized_kwargs(cfg.model.name, cfg.model.kwargs, self.spec.image_size)
         model, sync_bn = self._model(kwargs)
@@ -182,7 +182,7 @@ class Trainer:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
         ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
-        state = self._resume_state(model, optimizer, ema)
+        state = resume_state.load(self.run_dir, model, optimizer, ema, self.prec.device, ctx.is_main)
         base_lr = t.lr * distributed.lr_scale(t.lr_scaling, ctx.world_size)
         self.card_base = card.card_base(cfg, recset, train, val, kwargs, self.spec.to_dict(), {
             "world_size": ctx.world_size, "backend": ctx.backend, "per_process_batch": t.batch_size,
@@ -235,7 +235,8 @@ class Trainer:
         seen: list[str] | None = [] if ctx.enabled else None
         result = train_one_epoch(net, self._loader(run.train, True, epoch), run.optimizer, run.loss_fn, self.prec,
                                  t, run.clock, epoch, lambda step: self._lr_at(run, step), self._emit_step,
-                                 self._should_stop, seen, (lambda: run.ema.update(run.model)) if run.ema else None)
+                                 self._should_stop, seen, (lambda: run.ema.update(run.model)) if run.ema else None,
+                                 attention.term(run.model, self.kind) if t.attention_loss else None)
         if result.get("stopped"):
             return runs.CANCELLED
         for synced in {id(m): m for m in (run.model, run.kept)}.values():
@@ -249,13 +250,15 @@ class Trainer:
                   "lr": self._lr_at(run, max(run.clock.step - 1, 0)), "images_per_s": run.clock.images_per_s(),
                   "epoch_time_s": time.perf_counter() - started, "eta_s": run.clock.eta_s(),
                   "best_val_auroc": run.stopper.best, "improved": improved, "time": time.time()}
+        if t.attention_loss:  # the heatmap share outside the chest this epoch, or a warning that none counted
+            attention.report(result, record, epoch)
         if ctx.enabled:
             record.update(distributed.rank_report(run.model, seen or [], result["loss"], ctx))
         if run.ema:  # what the average gained over the live weights, for the log
             record["val_auroc_live"] = self._live_auroc(run)
         run.state.update(epoch=epoch + 1, step=run.clock.step, stopper=run.stopper.state())
         if ctx.is_main:
-            self._save_state(run, run.state)
+            resume_state.save(self.run_dir, run.model, run.optimizer, run.ema, run.state)
         for cb in self.callbacks:
             cb.on_epoch(record)
         if run.stopper.should_stop:
@@ -334,33 +337,6 @@ class Trainer:
         """Validation predictions over the whole val set, in dataset order, on every rank."""
         preds = predict_loader(model, loader, self.prec, self.cfg.train.channels_last, loss_fn)
         return distributed.gather_predictions(preds, self.ctx) if self.ctx.enabled else preds
-
-    # ------------------------------------------------------------------------------------------ resume
-    def _resume_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      ema: WeightAverage | None) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": 0, "step": 0, "stopper": {}}
-        path = self.run_dir / runs.RESUME_STATE
-        if not path.is_file():
-            return state
-        saved = torch.load(path, map_location=self.prec.device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["loop"])
-        if ema is not None and "ema" in saved:
-            ema.load_state_dict(saved["ema"])
-        elif ema is not None:  # a run resumed with averaging it did not have starts the average here
-            ema.module.load_state_dict(model.state_dict())
-        if self.ctx.is_main:
-            runs.truncate_progress(self.run_dir, state["epoch"])
-        log.info("resumed %s after epoch %d (step %d)", self.run_dir.name, state["epoch"] - 1, state["step"])
-        return state
-
-    def _save_state(self, run: _Setup, state: dict) -> None:
-        saved = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "loop": dict(state)}
-        if run.ema:
-            saved["ema"] = run.ema.state_dict()
-        with atomic_path(self.run_dir / runs.RESUME_STATE) as tmp:
-            torch.save(saved, tmp)
 
 
 def train(cfg: ExperimentConfig, callbacks: list[Callback] | None = None) -> Path:

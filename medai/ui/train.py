@@ -56,7 +56,8 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"train.early_stopping_patience={form['patience']}", f"train.head_epochs={form['head_epochs']}",
             f"augment.enabled={str(form['augment']).lower()}", f"train.seed={form['seed']}",
             f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
-            f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}"]
+            f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}",
+            f"train.attention_loss={form['attention_loss']}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
     if form["pretrained"].strip():
@@ -98,6 +99,22 @@ def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
     return {"nproc": int(nproc), "lr_scaling": scaling}
 
 
+def _averaging_and_attention(cfg, key: str) -> dict:
+    """The weight-average decay and the anatomy-guided attention weight (0 = off for both)."""
+    return {
+        "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
+                                     0.001, format="%.4f", key=f"ema_{key}",
+                                     help="0 = off. The average of the weights over the last steps "
+                                          "(e.g. 0.998) is validated and kept as the best model"),
+        "attention_loss": st.number_input("Anatomy-guided attention (loss weight)", 0.0, 100.0,
+                                          cfg.train.attention_loss, 0.1, key=f"att_{key}",
+                                          help="0 = off. Adds this weight x the share of each class's "
+                                               "Grad-CAM outside the learned lungs and heart (chest "
+                                               "films), so heatmaps stay on the chest; about 2x the "
+                                               "step time"),
+    }
+
+
 def _launch_form(user: User) -> None:
     import torch
 
@@ -128,10 +145,7 @@ def _launch_form(user: User) -> None:
                                             cfg.train.early_stopping_patience or 0, key=f"pat_{key}"),
                 "head_epochs": st.number_input("Two-stage: head-only epochs first", 0, 100, cfg.train.head_epochs,
                                                key=f"head_{key}"),
-                "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
-                                             0.001, format="%.4f", key=f"ema_{key}",
-                                             help="0 = off. The average of the weights over the last steps "
-                                                  "(e.g. 0.998) is validated and kept as the best model"),
+                **_averaging_and_attention(cfg, key),
                 "augment": st.checkbox("Augmentation", value=cfg.augment.enabled, key=f"aug_{key}"),
                 "seed": st.number_input("Seed", 0, 2**31 - 1, cfg.train.seed, key=f"seed_{key}"),
                 "pretrained": _starting_weights(key),
@@ -166,6 +180,10 @@ def curves(records: list[dict]) -> go.Figure:
     fig.add_scatter(x=x, y=[r["val_loss"] for r in epochs], name="val loss", row=1, col=1)
     fig.add_scatter(x=x, y=[r["val_auroc"] for r in epochs], name="val AUROC", row=1, col=2)
     fig.add_scatter(x=x, y=[r["val_map"] for r in epochs], name="val mAP", row=1, col=2)
+    outside = [r for r in epochs if "train_cam_outside" in r]  # train.attention_loss runs
+    if outside:
+        fig.add_scatter(x=[r["epoch"] + 1 for r in outside], y=[r["train_cam_outside"] for r in outside],
+                        name="Grad-CAM share outside the chest (train)", row=1, col=2)
     fig.add_scatter(x=[r["step"] for r in steps], y=[r["lr"] for r in steps], name="lr", row=2, col=1)
     fig.add_scatter(x=[r["step"] for r in steps], y=[r["images_per_s"] for r in steps], name="images/s", row=2, col=2)
     fig.update_xaxes(title_text="epoch", row=1)
