@@ -21,17 +21,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _create_temporary(target)
+    tmp_path, mode = _create_temporary(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+            if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) != mode:  # a writer that made its own file
+                os.fchmod(fh.fileno(), mode)  # (safetensors' save_file does: 0600) gets the intended mode
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _create_temporary(target: Path) -> Path:
+def _create_temporary(target: Path) -> tuple[Path, int]:
+    """An empty temporary file beside ``target`` and the mode it was given."""
     try:
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
@@ -45,9 +48,9 @@ def _create_temporary(target: Path) -> Path:
         try:
             if mode is not None:
                 os.fchmod(fd, mode)
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
         finally:
             os.close(fd)
-        return tmp
 
 
 @contextlib.contextmanager

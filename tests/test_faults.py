@@ -309,5 +309,12 @@ def test_atomic_writes_respect_the_umask_and_keep_an_existing_files_mode(tmp_pat
         write_text(private, '{"a": 1}')
         assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == '{"a": 1}'
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+        # safetensors replaces the temporary file with one of its own (0600): a checkpoint still gets 0644
+        from medai.models import create_model
+        from medai.models.checkpoint import new_card, save_checkpoint
+
+        weights = tmp_path / "model.safetensors"
+        save_checkpoint(create_model("resnet18", 2), new_card("resnet18", {}, "multiclass", ["a", "b"], {}), weights)
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     finally:
         os.umask(old)
