@@ -17,11 +17,14 @@ from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    ``mode`` (e.g. 0o600 for a secret) is set on the temporary file before anything is written to it;
+    without it the file gets the mode ``open(path, "w")`` would give."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path, mode = _create_temporary(target)
+    tmp_path, mode = _create_temporary(target, mode)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -33,12 +36,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _create_temporary(target: Path) -> tuple[Path, int]:
+def _create_temporary(target: Path, mode: int | None = None) -> tuple[Path, int]:
     """An empty temporary file beside ``target`` and the mode it was given."""
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mode = None
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            pass
     while True:
         tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
         try:

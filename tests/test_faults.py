@@ -309,6 +309,13 @@ def test_atomic_writes_respect_the_umask_and_keep_an_existing_files_mode(tmp_pat
         write_text(private, '{"a": 1}')
         assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == '{"a": 1}'
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+        # a secret asks for 0600 and has it while it is written, not only after
+        from medai.atomic import atomic_path
+
+        with atomic_path(tmp_path / "credentials.json", mode=0o600) as tmp:
+            assert stat.S_IMODE(tmp.stat().st_mode) == 0o600
+            tmp.write_text("pw")
+        assert stat.S_IMODE((tmp_path / "credentials.json").stat().st_mode) == 0o600
         # safetensors replaces the temporary file with one of its own (0600): a checkpoint still gets 0644
         from medai.models import create_model
         from medai.models.checkpoint import new_card, save_checkpoint

@@ -8,7 +8,6 @@ backup, never shown back (the page says only whether one is set) and never logge
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +66,8 @@ def save(admin: str, values: dict[str, Any], password: str | None = None, store:
     db.audit(admin, AuditAction.SETTING_CHANGED, key="pacs", value={k: v for k, v in clean.items()})
     if password is not None:
         path = credentials_path()
-        with atomic_path(path) as tmp:
+        with atomic_path(path, mode=0o600) as tmp:  # private before the secret is written
             tmp.write_text(json.dumps({"dicomweb_password": password}))
-            os.chmod(tmp, 0o600)
         db.audit(admin, AuditAction.SETTING_CHANGED, key="pacs.dicomweb_password", value="changed")
 
 
