@@ -69,7 +69,17 @@ def test_chest_masks_are_the_lungs_and_heart_and_other_images_add_nothing(chest_
     chest_masks(str(root / "images" / f"{seg_train.cases(root, 'test')[0]}.png"))
     assert chest_masks.cache.misses == first  # read back from the cache, not segmented again
     mri = sorted(need("brain-tumor-mri").rglob("*.jpg"))[0]
-    assert (chest_masks(str(mri)) == 255).all()  # not a chest film: all inside, so no penalty
+    assert chest_masks(str(mri)) is None  # not a chest film: no mask, so no penalty
+    # ...and after the augmentation the training sample's mask is still all inside (a rotated all-255 mask
+    # has zero corners: the term would count the film and penalise its heatmap in the corners)
+    from medai.config import AugmentConfig
+    from medai.data.transforms import build_augmentation
+
+    rotating = build_augmentation(AugmentConfig(enabled=True, rotate_degrees=30, translate=0.1, scale=0.1))
+    dataset = XrayDataset([Record(mri.name, str(mri), np.zeros(2, np.float32), "p")], PreprocessSpec(128, 0.5, 0.5),
+                          augment=rotating, masks=chest_masks)
+    torch.manual_seed(1)
+    assert all(bool((dataset[0][4] == 1).all()) for _ in range(3))
 
 
 def test_the_penalised_map_is_the_grad_cam_pytorch_grad_cam_computes():

@@ -378,4 +378,8 @@ class XrayDataset(Dataset):
         mask = None if self.masks is None else self.masks(rec.source)
         image, mask_t = augment_and_normalise(self.load_uint8(rec), self.spec, self.augment, mask)
         sample = (image, torch.from_numpy(rec.target), rec.id, rec.patient_id)
-        return sample if mask_t is None else (*sample, mask_t)
+        if self.masks is None:
+            return sample
+        if mask_t is None:  # no segmentation: all inside, so the attention term leaves this film out
+            mask_t = torch.ones((1, *image.shape[-2:]), dtype=torch.float32)
+        return (*sample, mask_t)

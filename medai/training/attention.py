@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class ChestMasks:
-    """Record -> uint8 SxS mask of the learned lungs and heart (255 inside), or all 255 when the film has no
-    usable segmentation. Picklable: DataLoader workers load the segmenter themselves, once."""
+    """Record -> uint8 SxS mask of the learned lungs and heart (255 inside), or None when the film has no
+    usable segmentation (cached as all 255). Picklable: DataLoader workers load the segmenter themselves, once."""
 
     def __init__(self, cache_root: str | Path, size: int, weights: Path):
         self.cache = DecodeCache(cache_root)
@@ -51,10 +51,13 @@ class ChestMasks:
     def everywhere(self) -> np.ndarray:
         return np.full((self.size, self.size), 255, np.uint8)
 
-    def __call__(self, source: str | tuple) -> np.ndarray:
+    def __call__(self, source: str | tuple) -> np.ndarray | None:
+        """The mask, or None when there is none (the dataset then passes an all-inside mask that no
+        augmentation touched: a rotated all-255 mask would have zero corners and count as a segmentation)."""
         if isinstance(source, tuple):  # an array inside a .npz file: no film to segment
-            return self.everywhere()
-        return self.cache.cached(source, self.size, self.kind, lambda data: self.compute(data, Path(source).name))
+            return None
+        mask = self.cache.cached(source, self.size, self.kind, lambda data: self.compute(data, Path(source).name))
+        return None if mask.min() == 255 else mask
 
     def compute(self, data: bytes, name: str) -> np.ndarray:
         from medai.data.io import decode_image
