@@ -170,7 +170,8 @@ def _baseline_summary(path: str | Path) -> dict[str, Any]:
            "ece_after": val["calibration"]["ece_after"],
            "auroc_ci95": {lab: c["auroc_ci95"] for lab, c in val["per_class"].items()},
            "epochs_run": other.get("model_card", {}).get("training", {}).get("epochs_run"),
-           "schedule": _schedule(other)}
+           "schedule": _schedule(other),
+           "shipped": Path(path).resolve().parent == Path(SHIPPED_MODELS_DIR).resolve()}
     if "external" in other["metrics"]:
         out["external_macro_auroc"] = other["metrics"]["external"]["macro"]["auroc"]
     return out
@@ -226,6 +227,30 @@ def _metrics_table(m: dict[str, Any], reference: dict[str, Any] | None = None) -
     return rows
 
 
+def _baseline_section(card: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """The Baseline section: its schedule, where its weights are, and both models' macro numbers."""
+    mc, val = card["model_card"], card["metrics"]["val"]
+    cal = val["calibration"]
+    ours, theirs = _schedule(card), base.get("schedule") or {}
+    same = ("same data and schedule" if theirs == ours else
+            f"same data; {theirs.get('image_size')} px, {theirs.get('epochs')} epochs planned")
+    has_ext = base.get("external_macro_auroc") is not None
+    where = (f"shipped as `models/{base['name']}.safetensors`" if base.get("shipped") else
+             "weights not shipped (retrain with its recipe)")
+    lines = ["", "## Baseline", f"`{base['name']}`: {base['architecture']}, {same}, {base.get('epochs_run')} "
+             f"epochs run; {where}. Validation, macro over labels:", "",
+             "| model | AUROC | AP | sensitivity | specificity | ECE after scaling |" +
+             (" external AUROC |" if has_ext else ""), "|---|---|---|---|---|---|" + ("---|" if has_ext else "")]
+    external = card["metrics"].get("external", {}).get("macro", {}).get("auroc")
+    for label, m, ece, ext_auroc in ((mc["name"], val["macro"], cal["ece_after"], external),
+                                     (base["name"], base["macro"], base["ece_after"],
+                                      base.get("external_macro_auroc"))):
+        lines.append(f"| {label} | {_num(m['auroc'])} | {_num(m['ap'])} | {_num(m['sensitivity'])} | "
+                     f"{_num(m['specificity'])} | {_num(ece, 4)} |"
+                     + (f" {_num(ext_auroc)} |" if has_ext else ""))
+    return lines
+
+
 def render_card(card: dict[str, Any]) -> str:
     """The model card as Markdown (the Models page and ``models/<name>.md`` show it)."""
     mc = card["model_card"]
@@ -263,23 +288,8 @@ def render_card(card: dict[str, Any]) -> str:
         m = more["metrics"]
         lines += ["", f"## External evaluation: {Path(m['data']['root']).name} ({m['n']} images)",
                   "Thresholds and temperature from validation.", "", *_metrics_table(m, more.get("reference"))]
-    base = mc.get("baseline")
-    if base:
-        ours, theirs = _schedule(card), base.get("schedule") or {}
-        same = ("same data and schedule" if theirs == ours else
-                f"same data; {theirs.get('image_size')} px, {theirs.get('epochs')} epochs planned")
-        has_ext = base.get("external_macro_auroc") is not None
-        lines += ["", "## Baseline", f"`{base['name']}`: {base['architecture']}, {same}, {base.get('epochs_run')} "
-                  "epochs run; weights not shipped (retrain with its recipe). Validation, macro over labels:", "",
-                  "| model | AUROC | AP | sensitivity | specificity | ECE after scaling |" +
-                  (" external AUROC |" if has_ext else ""), "|---|---|---|---|---|---|" + ("---|" if has_ext else "")]
-        external = card["metrics"].get("external", {}).get("macro", {}).get("auroc")
-        for label, m, ece, ext_auroc in ((mc["name"], val["macro"], cal["ece_after"], external),
-                                         (base["name"], base["macro"], base["ece_after"],
-                                          base.get("external_macro_auroc"))):
-            lines.append(f"| {label} | {_num(m['auroc'])} | {_num(m['ap'])} | {_num(m['sensitivity'])} | "
-                         f"{_num(m['specificity'])} | {_num(ece, 4)} |"
-                         + (f" {_num(ext_auroc)} |" if has_ext else ""))
+    if mc.get("baseline"):
+        lines += _baseline_section(card, mc["baseline"])
     lines += ["", "## Intended use", mc["intended_use"], "", "## Known limitations", mc["limitations"], "",
               "Reproduce the validation numbers: `python -m medai evaluate --checkpoint "
               f"models/{mc['name']}.safetensors --data {mc.get('recipe') or 'configs/<recipe>.yaml'} --split val`",

@@ -50,6 +50,7 @@ def test_ship_mnist_run_card_and_evaluate_reproduces(tmp_path: Path):
     assert all(torch.equal(t, load_file(str(out))[k]) for k, t in weights.items())
     assert "## Baseline\n`mnist-base`" in out.with_suffix(".md").read_text()
     assert "same data and schedule" in out.with_suffix(".md").read_text()
+    assert "weights not shipped" in out.with_suffix(".md").read_text() and not summary["shipped"]
     loaded = load_checkpoint(base)
     other = {**loaded.card, "training_config": {**loaded.card["training_config"], "data": {"root": "elsewhere"}}}
     save_checkpoint(loaded.model, other, base, dtype=torch.float16)
