@@ -257,8 +257,9 @@ def _heatmap_panel(predictor: Predictor, analysis: Analysis, rows: list[dict], d
     method = c2.selectbox("Method", methods, index=methods.index(arch_default),
                           key=_method_key(predictor, analysis.image_sha256),
                           format_func=lambda m: f"{m} (slow)" if m in EXPENSIVE_METHODS else m,
-                          help=f"{arch_default} is this architecture's default (best ROAD score measured); the "
-                               "choice applies to this image and model only")
+                          help=f"{arch_default} is this model's default (the best measured for its architecture, or "
+                               "Grad-CAM where its training put that map on the chest); the choice applies to "
+                               "this image and model only")
     opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="heat_opacity")
     contours = c4.checkbox("Outline lungs and heart", value=True, key="heat_contours")
     method = _confirm_expensive(predictor, analysis, finding, method, arch_default)
