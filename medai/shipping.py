@@ -227,9 +227,10 @@ def _metrics_table(m: dict[str, Any], reference: dict[str, Any] | None = None) -
     return rows
 
 
-def _baseline_section(card: dict[str, Any], base: dict[str, Any]) -> list[str]:
+def _baseline_section(card: dict[str, Any]) -> list[str]:
     """The Baseline section: its schedule, where its weights are, and both models' macro numbers."""
     mc, val = card["model_card"], card["metrics"]["val"]
+    base = mc["baseline"]
     cal = val["calibration"]
     ours, theirs = _schedule(card), base.get("schedule") or {}
     same = ("same data and schedule" if theirs == ours else
@@ -289,7 +290,7 @@ def render_card(card: dict[str, Any]) -> str:
         lines += ["", f"## External evaluation: {Path(m['data']['root']).name} ({m['n']} images)",
                   "Thresholds and temperature from validation.", "", *_metrics_table(m, more.get("reference"))]
     if mc.get("baseline"):
-        lines += _baseline_section(card, mc["baseline"])
+        lines += _baseline_section(card)
     lines += ["", "## Intended use", mc["intended_use"], "", "## Known limitations", mc["limitations"], "",
               "Reproduce the validation numbers: `python -m medai evaluate --checkpoint "
               f"models/{mc['name']}.safetensors --data {mc.get('recipe') or 'configs/<recipe>.yaml'} --split val`",
