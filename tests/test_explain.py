@@ -18,6 +18,7 @@ from medai.data.datasets import XrayDataset, load_records
 from medai.data.io import decode_image
 from medai.data.transforms import PreprocessSpec, preprocess
 from medai.explain.anatomy import attention_shares, ctr_summary, segment_chest, shortcut_warning
+from medai.explain.masks import fill_holes
 from medai.explain.cam import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, LogSoftmaxTarget, compute_cams
 from medai.explain.overlay import render_overlay
 from medai.models import create_model
@@ -186,8 +187,8 @@ def test_anatomy_morphology_equals_scipy_on_real_masks():
             dark = x < an._central_threshold(x) * factor
             np.testing.assert_array_equal(an._opening(dark, 3), ndi.binary_opening(dark, np.ones((3, 3))))
             np.testing.assert_array_equal(an._closing(dark, 13), ndi.binary_closing(dark, np.ones((7, 7)), 2))
-            np.testing.assert_array_equal(an._fill_holes(dark), ndi.binary_fill_holes(dark))
-            np.testing.assert_array_equal(an._fill_holes(~dark), ndi.binary_fill_holes(~dark))
+            np.testing.assert_array_equal(fill_holes(dark), ndi.binary_fill_holes(dark))
+            np.testing.assert_array_equal(fill_holes(~dark), ndi.binary_fill_holes(~dark))
             margin = int(dark.shape[1] * an.EDGE_MARGIN)
             expected = np.zeros_like(dark)
             for y, row in enumerate(dark):  # the definition, one row at a time

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from medai.explain.masks import fill_holes, largest_component
 from medai.imaging import resize_float
 
 WORK_SIZE = 256
@@ -98,14 +99,6 @@ def _otsu(values: np.ndarray) -> float:
     return float(centers[int(np.argmax(between))])
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
-
-
 def _prepare(pixels: np.ndarray) -> np.ndarray:
     x = resize_float(pixels, (WORK_SIZE, WORK_SIZE))
     lo, hi = np.percentile(x, [2, 98])
@@ -135,16 +128,6 @@ def _opening(mask: np.ndarray, size: int) -> np.ndarray:
 def _closing(mask: np.ndarray, size: int) -> np.ndarray:
     """``ndi.binary_closing`` with a size x size square (zero border): a 7x7 square twice is 13 x 13."""
     return ndi.minimum_filter(ndi.maximum_filter(mask, size, mode="constant", cval=0), size, mode="constant", cval=0)
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndi.binary_fill_holes``: background not 4-connected to the border is a hole. One labelling
-    instead of scipy's dilation repeated until nothing changes."""
-    labels, n = ndi.label(~mask)
-    outside = np.zeros(n + 1, dtype=bool)
-    outside[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
-    outside[0] = False  # label 0 is the mask itself
-    return ~outside[labels]
 
 
 def _runs_from_left(dark: np.ndarray, margin: int) -> np.ndarray:
@@ -208,7 +191,7 @@ def _pick_lungs(inner: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
         return None
     cleaned = []
     for side in ("right", "left"):
-        cleaned.append(_largest(_fill_holes(_closing(sides[side], 13))))
+        cleaned.append(largest_component(fill_holes(_closing(sides[side], 13))))
     return cleaned[0], cleaned[1]
 
 
@@ -312,8 +295,8 @@ def _classical(x: np.ndarray) -> ChestAnatomy:
             if contrast < MIN_MEDIASTINAL_CONTRAST:
                 reason = "the region between the dark fields is not brighter than them (no mediastinum)"
                 continue
-            body = _fill_holes(~outside) | right | left
-            found.append((abs(factor - 1.0), rank, (right, left, heart, mediastinum, _largest(body)), detail))
+            body = fill_holes(~outside) | right | left
+            found.append((abs(factor - 1.0), rank, (right, left, heart, mediastinum, largest_component(body)), detail))
         if len(found) >= MIN_AGREEING_THRESHOLDS:
             _, _, masks, detail = min(found, key=lambda item: item[:2])
             ratios = [d["cardiac_width_px"] / d["thoracic_width_px"] for *_, d in found if d["cardiac_width_px"]]

@@ -28,6 +28,7 @@ from scipy import ndimage as ndi
 from torch import nn
 from torch.nn import functional as F
 
+from medai.explain.masks import fill_holes, largest_component
 from medai.imaging import resize_float
 from medai.errors import CheckpointError
 from medai.models.efficientnet import blocks_at_stride, build_lite
@@ -130,17 +131,9 @@ class Segmentation:
         return bool(self.problems) or self.confidence < MIN_CONFIDENCE
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == int(np.argmax(sizes)) + 1
-
-
 def masks_from(probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Thresholded at 0.5, the largest component of each structure, holes filled."""
-    return {name: ndi.binary_fill_holes(_largest(probabilities[i] > 0.5)) for i, name in enumerate(STRUCTURES)}
+    return {name: fill_holes(largest_component(probabilities[i] > 0.5)) for i, name in enumerate(STRUCTURES)}
 
 
 def confidence_of(probabilities: np.ndarray) -> float:
