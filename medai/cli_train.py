@@ -1,5 +1,5 @@
-"""The training and model-making commands: ``train``, ``evaluate``, ``ship``, ``attach-baseline`` and
-``data inspect`` (their parsers and handlers; ``medai.cli`` dispatches)."""
+"""The training and model-making commands: ``train``, ``evaluate``, ``ship``, ``attach-baseline``,
+``set-cam-stride`` and ``data inspect`` (their parsers and handlers; ``medai.cli`` dispatches)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ab = sub.add_parser("attach-baseline", help="report a baseline checkpoint in a shipped model's card")
     ab.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
     ab.add_argument("baseline", help="the baseline's checkpoint, shipped with `ship --out` to a scratch folder")
+    cs = sub.add_parser("set-cam-stride", help="explain a shipped EfficientNet-Lite at another layer (card only)")
+    cs.add_argument("shipped", help="the shipped checkpoint, e.g. models/nih14-efficientnet-lite0.safetensors")
+    cs.add_argument("stride", type=int, choices=[16, 32], help="16: the last stride-16 block; 32: the head")
+    cs.add_argument("--note", default="", help="what was measured (added to the card's notes)")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -195,5 +199,13 @@ def cmd_attach_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_cam_stride(args: argparse.Namespace) -> int:
+    from medai.shipping import set_cam_stride
+
+    path = set_cam_stride(args.shipped, args.stride, args.note)
+    print(f"{path} and {path.with_suffix('.md')} now explain at stride {args.stride}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "ship": cmd_ship, "attach-baseline": cmd_attach_baseline,
-            "data": cmd_data_inspect}
+            "set-cam-stride": cmd_set_cam_stride, "data": cmd_data_inspect}

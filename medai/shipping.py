@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from medai.config import ExperimentConfig, load_config
 from medai.errors import MedaiError
 from medai.evaluation.metrics import auroc_per_class
 from medai.evaluation.runner import evaluate_checkpoint
+from medai.models import create_model
 from medai.models.checkpoint import load_checkpoint, save_checkpoint
 from medai.paths import SHIPPED_MODELS_DIR, resolve_data_path, runs_dir
 
@@ -184,22 +186,45 @@ def _schedule(card: dict[str, Any]) -> dict[str, Any]:
             "epochs": cfg.get("train", {}).get("epochs")}
 
 
+def _recard(shipped: str | Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
+    """Rewrite the card of the already shipped ``shipped`` with ``change`` (card -> card) and re-render its
+    Markdown; the weights are left as they are, and the new card must still build the model."""
+    shipped = Path(shipped)
+    loaded = load_checkpoint(shipped)
+    if "model_card" not in loaded.card:
+        raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
+    card = change(dict(loaded.card))
+    model = create_model(card["architecture"], len(card["labels"]), **card.get("model_kwargs", {}))
+    model.load_state_dict(loaded.model.state_dict(), strict=True)
+    save_checkpoint(model, card, shipped, dtype=torch.float16)
+    write_card_markdown(shipped, card)
+    return shipped
+
+
 def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
     """Report ``baseline`` (a checkpoint shipped with ``ship``, e.g. to a scratch folder) in the card of
     the already shipped ``shipped``, and re-render its Markdown. The weights are left as they are."""
-    shipped = Path(shipped)
-    loaded = load_checkpoint(shipped)
-    card = dict(loaded.card)
-    if "model_card" not in card:
-        raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
-    summary, ours = _baseline_summary(baseline), _schedule(card)["data"]
-    if summary["schedule"]["data"] != ours:
-        raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on {ours}: "
-                         "not comparable")
-    card["model_card"] = {**card["model_card"], "baseline": summary}
-    save_checkpoint(loaded.model, card, shipped, dtype=torch.float16)
-    write_card_markdown(shipped, card)
-    return shipped
+    summary = _baseline_summary(baseline)
+
+    def change(card: dict[str, Any]) -> dict[str, Any]:
+        ours = _schedule(card)["data"]
+        if summary["schedule"]["data"] != ours:
+            raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on {ours}: "
+                             "not comparable")
+        return {**card, "model_card": {**card["model_card"], "baseline": summary}}
+    return _recard(shipped, change)
+
+
+def set_cam_stride(shipped: str | Path, stride: int, note: str) -> Path:
+    """Explain the shipped EfficientNet-Lite ``shipped`` at another layer (``model_kwargs.cam_stride``;
+    its default heatmap method follows), with ``note`` (what was measured) added to its card's notes."""
+    def change(card: dict[str, Any]) -> dict[str, Any]:
+        if not card["architecture"].startswith("efficientnet_lite"):
+            raise MedaiError(f"cam_stride is an EfficientNet-Lite setting; {shipped} is {card['architecture']}")
+        notes = " ".join(part for part in (card["model_card"].get("notes", ""), note.strip()) if part)
+        return {**card, "model_kwargs": {**card.get("model_kwargs", {}), "cam_stride": stride},
+                "model_card": {**card["model_card"], "notes": notes}}
+    return _recard(shipped, change)
 
 
 def _num(v: Any, digits: int = 3) -> str:

@@ -15,6 +15,7 @@ from medai.config import DataConfig
 from medai.data.datasets import XrayDataset, load_records
 from medai.data.transforms import PreprocessSpec
 from medai.errors import PretrainedWeightsError
+from medai.explain.cam import compute_cams
 from medai.models import create_model
 from medai.models.pretrained import WEIGHT_SOURCES, read_state_dict
 from tests.conftest import need
@@ -116,6 +117,20 @@ def test_pretrained_hybrid_takes_the_lite_stages_up_to_stride_16():
     with torch.no_grad():
         grid = model.proj(model._cnn(torch.zeros(1, 1, 224, 224)))
     assert grid.shape[-2:] == (14, 14)
+
+
+def test_cam_stride_16_explains_at_the_last_stride_16_block_with_the_same_weights():
+    torch.manual_seed(0)
+    head, mid = (create_model("efficientnet_lite0", 3, frozen_blocks=6, cam_stride=s) for s in (32, 16))
+    assert mid.cam_target_layers()[0] is mid.net._blocks[10] and head.cam_target_layers()[0] is head.net._bn1
+    assert (head.cam_method, mid.cam_method) == ("gradcam++", "hirescam")
+    assert list(mid.state_dict()) == list(head.state_dict())  # a card setting: the same checkpoint loads
+    cams = compute_cams(mid.eval(), torch.rand(1, 1, 224, 224), [0, 2], mid.cam_method)
+    assert set(cams.heatmaps) == {0, 2} and all(h.shape == (224, 224) and h.max() > 0 for h in cams.heatmaps.values())
+    with pytest.raises(ValueError, match="frozen_blocks=11 keeps out of the gradient graph"):
+        create_model("efficientnet_lite0", 3, frozen_blocks=11, cam_stride=16)
+    with pytest.raises(ValueError, match="cam_stride must be one of"):
+        create_model("efficientnet_lite0", 3, cam_stride=8)
 
 
 def test_a_missing_weights_package_says_what_to_install(monkeypatch):

@@ -84,3 +84,29 @@ def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
     assert ignored.returncode == 0
     shipped = subprocess.run(["git", "ls-files", "models"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "models/pneumonia-hybrid.safetensors" in shipped.split()  # the shipped ones stay tracked
+
+
+def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
+    """``medai set-cam-stride``: the card's model kwargs and notes change, the weights and the predictions
+    do not, the Markdown is re-rendered; a model that is not an EfficientNet-Lite is refused."""
+    import shutil
+
+    from medai.shipping import render_card
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    copy = tmp_path / "nih14.safetensors"
+    shutil.copy(models / "nih14-efficientnet-lite0.safetensors", copy)
+    before = load_file(copy)
+    run_cli("set-cam-stride", str(copy), "32", "--note", "Measured: the head.", check=True)
+    card = read_card(copy)
+    assert card["model_kwargs"]["cam_stride"] == 32 and card["model_card"]["notes"].endswith("Measured: the head.")
+    assert load_checkpoint(copy).model.cam_method == "gradcam++"
+    after = load_file(copy)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    md = copy.with_suffix(".md").read_text()
+    size = round(copy.stat().st_size / 2**20, 1)
+    assert md == render_card({**card, "model_card": {**card["model_card"], "file_mb": size}})
+    other = tmp_path / "hybrid.safetensors"
+    shutil.copy(models / "pneumonia-hybrid.safetensors", other)
+    result = run_cli("set-cam-stride", str(other), "16")
+    assert result.returncode != 0 and "cam_stride is an EfficientNet-Lite setting" in result.stderr
