@@ -121,6 +121,12 @@ class EfficientNetLite(MedaiModel):
     def reset_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Linear(self.num_features, num_classes)
 
+    def cam_linear_head_mask(self, activations: torch.Tensor) -> torch.Tensor | None:
+        """At the head (``cam_stride`` 32) each finding's gradient is closed-form: ReLU6, pooling, linear."""
+        if self._cam_block is not None or not isinstance(self.net._swish, nn.ReLU6):
+            return None
+        return ((activations > 0) & (activations < 6)).float()
+
     def cam_target_layers(self) -> list[nn.Module]:
         return [self.net._bn1 if self._cam_block is None else self.net._blocks[self._cam_block]]
 
