@@ -194,7 +194,10 @@ def _recard(shipped: str | Path, change: Callable[[dict[str, Any]], dict[str, An
     if "model_card" not in loaded.card:
         raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
     card = change(dict(loaded.card))
-    model = create_model(card["architecture"], len(card["labels"]), **card.get("model_kwargs", {}))
+    try:  # an unknown keyword is create_model's ConfigError already
+        model = create_model(card["architecture"], len(card["labels"]), **card.get("model_kwargs", {}))
+    except ValueError as exc:
+        raise MedaiError(f"{shipped.name}: {exc}") from None
     model.load_state_dict(loaded.model.state_dict(), strict=True)
     save_checkpoint(model, card, shipped, dtype=torch.float16)
     write_card_markdown(shipped, card)
@@ -218,9 +221,7 @@ def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
 def set_cam_stride(shipped: str | Path, stride: int, note: str) -> Path:
     """Explain the shipped EfficientNet-Lite ``shipped`` at another layer (``model_kwargs.cam_stride``;
     its default heatmap method follows), with ``note`` (what was measured) added to its card's notes."""
-    def change(card: dict[str, Any]) -> dict[str, Any]:
-        if not card["architecture"].startswith("efficientnet_lite"):
-            raise MedaiError(f"cam_stride is an EfficientNet-Lite setting; {shipped} is {card['architecture']}")
+    def change(card: dict[str, Any]) -> dict[str, Any]:  # an architecture without cam_stride is refused
         notes = " ".join(part for part in (card["model_card"].get("notes", ""), note.strip()) if part)
         return {**card, "model_kwargs": {**card.get("model_kwargs", {}), "cam_stride": stride},
                 "model_card": {**card["model_card"], "notes": notes}}

@@ -88,7 +88,7 @@ def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
 
 def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     """``medai set-cam-stride``: the card's model kwargs and notes change, the weights and the predictions
-    do not, the Markdown is re-rendered; a model that is not an EfficientNet-Lite is refused."""
+    do not, the Markdown is re-rendered; an architecture without the setting is refused, its file untouched."""
     import shutil
 
     from medai.shipping import render_card
@@ -108,5 +108,7 @@ def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     assert md == render_card({**card, "model_card": {**card["model_card"], "file_mb": size}})
     other = tmp_path / "hybrid.safetensors"
     shutil.copy(models / "pneumonia-hybrid.safetensors", other)
+    untouched = other.read_bytes()
     result = run_cli("set-cam-stride", str(other), "16")
-    assert result.returncode != 0 and "cam_stride is an EfficientNet-Lite setting" in result.stderr
+    assert result.returncode != 0 and "are invalid" in result.stderr and "cam_stride" in result.stderr
+    assert other.read_bytes() == untouched
