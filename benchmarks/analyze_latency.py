@@ -5,8 +5,8 @@
 
 Speed does not depend on the weights, so the three architectures are freshly initialised at 224 px with the
 14 NIH ChestX-ray14 labels (DenseNet121 has 18 outputs in torchxrayvision); the shipped default chest model
-(``catalog.DEFAULT_MODEL``, EfficientNet-Lite0) is measured with its own weights, card and default method. Images: a 1024-px NIH PNG and the
-1955x1841 uncompressed DICOM from ../shared/data. Medians of ``--repeats`` runs after one warm-up.
+(``catalog.DEFAULT_MODEL``, EfficientNet-Lite0) is measured with its own weights, card and default method.
+Images: a 1024-px NIH PNG and the 1955x1841 uncompressed DICOM from ../shared/data. Medians of ``--repeats`` runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from _common import DATA, machine, median_time, table
 from medai.api import Options, analyze_one
 from medai.imaging import DISPLAY_MAX_SIDE, display_size, resize_float, resize_heatmap
 from medai.analysis import default_method
-from medai.catalog import DEFAULT_MODEL, ModelEntry
+from medai.catalog import DEFAULT_MODEL, ModelEntry, list_models
 from medai.data.io import decode_image
 from medai.data.transforms import PreprocessSpec, preprocess
 from medai.explain.anatomy import segment_chest
@@ -31,7 +31,6 @@ from medai.explain.overlay import render_overlay
 from medai.inference import Predictor
 from medai.models import create_model
 from medai.models.checkpoint import new_card, read_card, save_checkpoint
-from medai.paths import SHIPPED_MODELS_DIR
 
 NIH14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
@@ -52,8 +51,8 @@ def predictor_for(name: str, kwargs: dict, folder: Path) -> tuple[Predictor, Mod
 
 
 def shipped_default() -> tuple[Predictor, ModelEntry]:
-    path = SHIPPED_MODELS_DIR / f"{DEFAULT_MODEL}.safetensors"
-    return Predictor(path), ModelEntry(DEFAULT_MODEL, path, "shipped", read_card(path))
+    entry = next(e for e in list_models(include_runs=False)[0] if e.name == DEFAULT_MODEL)
+    return Predictor(entry.path), entry
 
 
 def ours(predictor: Predictor, entry: ModelEntry, path: Path, repeats: int) -> dict[str, float]:

@@ -24,7 +24,7 @@ from medai.errors import MedaiError
 from medai.evaluation.metrics import auroc_per_class
 from medai.evaluation.runner import evaluate_checkpoint
 from medai.models import create_model
-from medai.models.checkpoint import load_checkpoint, save_checkpoint
+from medai.models.checkpoint import load_checkpoint, read_card, save_checkpoint, update_card
 from medai.paths import SHIPPED_MODELS_DIR, resolve_data_path, runs_dir
 
 NOT_FOR_DIAGNOSIS = ("Research and decision-support use by trained readers only; not a medical device and not "
@@ -164,8 +164,6 @@ def _recipe_file(name: str) -> str | None:
 
 
 def _baseline_summary(path: str | Path) -> dict[str, Any]:
-    from medai.models.checkpoint import read_card
-
     other = read_card(path)
     val = other["metrics"]["val"]
     out = {"name": Path(path).stem, "architecture": other["architecture"], "macro": val["macro"],
@@ -188,18 +186,17 @@ def _schedule(card: dict[str, Any]) -> dict[str, Any]:
 
 def _recard(shipped: str | Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
     """Rewrite the card of the already shipped ``shipped`` with ``change`` (card -> card) and re-render its
-    Markdown; the weights are left as they are, and the new card must still build the model."""
+    Markdown (``update_card``: the weights stay byte for byte); the new card must still build the model."""
     shipped = Path(shipped)
-    loaded = load_checkpoint(shipped)
-    if "model_card" not in loaded.card:
+    card = read_card(shipped)
+    if "model_card" not in card:
         raise MedaiError(f"{shipped} has no model card; ship it with `python -m medai ship` first")
-    card = change(dict(loaded.card))
+    card = change(dict(card))
     try:  # an unknown keyword is create_model's ConfigError already
-        model = create_model(card["architecture"], len(card["labels"]), **card.get("model_kwargs", {}))
+        create_model(card["architecture"], len(card["labels"]), **card.get("model_kwargs", {}))
     except ValueError as exc:
         raise MedaiError(f"{shipped.name}: {exc}") from None
-    model.load_state_dict(loaded.model.state_dict(), strict=True)
-    save_checkpoint(model, card, shipped, dtype=torch.float16)
+    update_card(shipped, **card)
     write_card_markdown(shipped, card)
     return shipped
 
