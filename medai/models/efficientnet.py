@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from medai.errors import PretrainedWeightsError
 from medai.models.registry import MedaiModel, register_model
@@ -74,6 +75,35 @@ def frozen_lite_modules(net: nn.Module, frozen_blocks: int) -> list[nn.Module]:
     return [net._conv_stem, net._bn0, *net._blocks[:frozen_blocks]]
 
 
+def _fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Fold ``parent.<bn_name>`` (eval-mode BatchNorm) into ``parent.<conv_name>`` and a symmetric static
+    'same' padding into the convolution's own padding; the BatchNorm becomes an Identity (a hook on it still
+    sees the same output)."""
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias)
+    setattr(parent, bn_name, nn.Identity())
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d):
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:  # stride-2 convolutions pad one side only: those stay
+            conv.padding, conv.static_padding = (top, left), nn.Identity()
+
+
+def fuse_lite(net: nn.Module) -> None:
+    """Fold every BatchNorm of a Lite network (or feature extractor) into its convolution, in place: the
+    same outputs, up to float rounding, with fewer operators forward and backward. Inference copies only:
+    the statistics are frozen into the weights."""
+    _fold(net, "_conv_stem", "_bn0")
+    for block in net._blocks:
+        if block._block_args.expand_ratio != 1:
+            _fold(block, "_expand_conv", "_bn0")
+        _fold(block, "_depthwise_conv", "_bn1")
+        _fold(block, "_project_conv", "_bn2")
+    if hasattr(net, "_conv_head"):
+        _fold(net, "_conv_head", "_bn1")
+
+
 class EfficientNetLite(MedaiModel):
     """Stem and MBConv blocks -> 1x1 head conv (1280) -> global average pool -> dropout -> linear."""
 
@@ -126,6 +156,9 @@ class EfficientNetLite(MedaiModel):
         if self._cam_block is not None or not isinstance(self.net._swish, nn.ReLU6):
             return None
         return ((activations > 0) & (activations < 6)).float()
+
+    def fuse_for_inference(self) -> None:
+        fuse_lite(self.net)
 
     def cam_target_layers(self) -> list[nn.Module]:
         return [self.net._bn1 if self._cam_block is None else self.net._blocks[self._cam_block]]

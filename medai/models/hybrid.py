@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medai.models.efficientnet import blocks_at_stride, build_lite, frozen_lite_modules, run_blocks
+from medai.models.efficientnet import blocks_at_stride, build_lite, frozen_lite_modules, fuse_lite, run_blocks
 from medai.models.registry import MedaiModel, register_model
 
 
@@ -90,6 +90,10 @@ class HybridCNNTransformer(MedaiModel):
     def reset_classifier(self, num_classes: int) -> None:
         last = self.classifier[-1]
         self.classifier[-1] = nn.Linear(last.in_features, num_classes)
+
+    def fuse_for_inference(self) -> None:
+        if not isinstance(self.stem, nn.Sequential):  # the pretrained EfficientNet-Lite stages
+            fuse_lite(self.stem)
 
     def cam_target_layers(self) -> list[nn.Module]:
         # The CNN stem's feature map (stride 8): gradients reach it through every transformer layer, and it
