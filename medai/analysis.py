@@ -101,11 +101,17 @@ def analyze_and_explain(predictor: Predictor, model_name: str, data: bytes, file
 
 
 def default_method(predictor: Predictor) -> str:
-    """The heatmap method the model explains with unless the reader picks another: Grad-CAM for a model
-    trained with ``train.attention_loss`` (that is the map its training moved onto the chest), else the
-    architecture's measured best."""
-    train = predictor.ckpt.card.get("training_config", {}).get("train", {})
-    return "gradcam" if (train.get("attention_loss") or 0) > 0 else predictor.model.cam_method
+    """The heatmap method the model explains with unless the reader picks another: the card's
+    ``model.cam_method`` (its training config's, or set later with ``set-cam-method``); for a model trained
+    with ``train.attention_loss``, the map its training moved onto the chest; else the architecture's
+    measured best."""
+    from medai.training.attention import method_for
+
+    cfg = predictor.ckpt.card.get("training_config", {})
+    chosen = cfg.get("model", {}).get("cam_method")
+    if (cfg.get("train", {}).get("attention_loss") or 0) > 0:
+        return method_for(chosen)
+    return chosen or predictor.model.cam_method
 
 
 def select_findings(predictor: Predictor, probabilities: list[float], findings: Findings) -> list[int]:

@@ -1,5 +1,5 @@
 """The training and model-making commands: ``train``, ``evaluate``, ``ship``, ``attach-baseline``,
-``set-cam-stride`` and ``data inspect`` (their parsers and handlers; ``medai.cli`` dispatches)."""
+``set-cam-stride``, ``set-cam-method`` and ``data inspect`` (their parsers and handlers; ``medai.cli`` dispatches)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cs.add_argument("shipped", help="the shipped checkpoint, e.g. models/nih14-efficientnet-lite0.safetensors")
     cs.add_argument("stride", type=int, choices=[16, 32], help="16: the last stride-16 block; 32: the head")
     cs.add_argument("--note", default="", help="what was measured (added to the card's notes)")
+    cm = sub.add_parser("set-cam-method", help="make another heatmap method a shipped model's default (card only)")
+    cm.add_argument("shipped", help="the shipped checkpoint, e.g. models/nih14-hybrid-lite0.safetensors")
+    cm.add_argument("method", help="gradcam, gradcam++, hirescam, eigencam, layercam or scorecam")
+    cm.add_argument("--note", default="", help="what was measured (added to the card's notes)")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -207,5 +211,13 @@ def cmd_set_cam_stride(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_cam_method(args: argparse.Namespace) -> int:
+    from medai.shipping import set_cam_method
+
+    path = set_cam_method(args.shipped, args.method, args.note)
+    print(f"{path} and {path.with_suffix('.md')} now explain with {args.method} unless the reader picks another")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "ship": cmd_ship, "attach-baseline": cmd_attach_baseline,
-            "set-cam-stride": cmd_set_cam_stride, "data": cmd_data_inspect}
+            "set-cam-stride": cmd_set_cam_stride, "set-cam-method": cmd_set_cam_method, "data": cmd_data_inspect}

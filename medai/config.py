@@ -73,6 +73,10 @@ class ModelConfig:
     name: str = "hybrid_cnn_transformer"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None  # path to a local state dict; hub names fail with a clear message
+    # the heatmap method the model explains with unless the reader picks another (medai.explain.cam.CAM_METHODS);
+    # None: the architecture's measured best, or Grad-CAM with train.attention_loss. With the attention loss
+    # only gradcam or hirescam: the term trains that map
+    cam_method: str | None = None
 
 
 @dataclass
@@ -239,6 +243,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return config_from_dict(tree, overrides)
 
 
+# the heatmap methods (medai.explain.cam.CAM_METHODS has the same keys), and those train.attention_loss
+# can train (medai.training.attention)
+CAM_METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "eigencam", "layercam", "scorecam")
+ATTENTION_CAM_METHODS = ("gradcam", "hirescam")
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -276,6 +285,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
+    _validate_cam_method(cfg.model.cam_method, t.attention_loss)
     if not RUN_NAME.fullmatch(cfg.name):  # it names the run's folder: nothing may climb out of results/runs
         raise ConfigError(f"config key 'name' {cfg.name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit")
@@ -283,6 +293,15 @@ def validate(cfg: ExperimentConfig) -> None:
                        (p.mean, "preprocess.mean")):
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, not {value}")
+
+
+def _validate_cam_method(method: str | None, attention_loss: float) -> None:
+    if method is None:
+        return
+    allowed = ATTENTION_CAM_METHODS if attention_loss else CAM_METHOD_NAMES
+    if method not in allowed:
+        why = " with train.attention_loss (the map it trains)" if attention_loss else ""
+        raise ConfigError(f"config key 'model.cam_method' {method!r} must be one of {', '.join(allowed)}{why}")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

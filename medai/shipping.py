@@ -19,8 +19,8 @@ import torch
 
 from medai import runs
 from medai.atomic import write_text
-from medai.config import ExperimentConfig, load_config
-from medai.errors import MedaiError
+from medai.config import ExperimentConfig, config_from_dict, load_config
+from medai.errors import ConfigError, MedaiError
 from medai.evaluation.metrics import auroc_per_class
 from medai.evaluation.runner import evaluate_checkpoint
 from medai.models import create_model
@@ -215,13 +215,33 @@ def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
     return _recard(shipped, change)
 
 
+def _noted(card: dict[str, Any], note: str) -> dict[str, Any]:
+    """``card["model_card"]`` with ``note`` (what was measured) added to its notes."""
+    notes = " ".join(part for part in (card["model_card"].get("notes", ""), note.strip()) if part)
+    return {**card["model_card"], "notes": notes}
+
+
 def set_cam_stride(shipped: str | Path, stride: int, note: str) -> Path:
     """Explain the shipped EfficientNet-Lite ``shipped`` at another layer (``model_kwargs.cam_stride``;
     its default heatmap method follows), with ``note`` (what was measured) added to its card's notes."""
     def change(card: dict[str, Any]) -> dict[str, Any]:  # an architecture without cam_stride is refused
-        notes = " ".join(part for part in (card["model_card"].get("notes", ""), note.strip()) if part)
         return {**card, "model_kwargs": {**card.get("model_kwargs", {}), "cam_stride": stride},
-                "model_card": {**card["model_card"], "notes": notes}}
+                "model_card": _noted(card, note)}
+    return _recard(shipped, change)
+
+
+def set_cam_method(shipped: str | Path, method: str, note: str) -> Path:
+    """Make ``method`` the default heatmap of the shipped ``shipped`` (its stored config's
+    ``model.cam_method``, which changes nothing in training without ``train.attention_loss``), with
+    ``note`` (what was measured) added to its card's notes. The config's own validation judges ``method``."""
+    def change(card: dict[str, Any]) -> dict[str, Any]:
+        cfg = card.get("training_config", {})
+        cfg = {**cfg, "model": {**cfg.get("model", {}), "cam_method": method}}
+        try:
+            config_from_dict(cfg)
+        except ConfigError as exc:
+            raise MedaiError(f"{Path(shipped).name}: {exc}") from None
+        return {**card, "training_config": cfg, "model_card": _noted(card, note)}
     return _recard(shipped, change)
 
 

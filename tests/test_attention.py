@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 
 from medai.config import AugmentConfig, load_config
@@ -82,9 +82,11 @@ def test_chest_masks_are_the_lungs_and_heart_and_other_images_add_nothing(chest_
     assert all(bool((dataset[0][4] == 1).all()) for _ in range(3))
 
 
-def test_the_penalised_map_is_the_grad_cam_pytorch_grad_cam_computes():
-    """The training-time map, upsampled the way pytorch-grad-cam does, equals its Grad-CAM of the same
-    log-probability on a real film (so the loss acts on the heatmap the reader sees)."""
+@pytest.mark.parametrize("method, reference_cam", [("gradcam", GradCAM), ("hirescam", HiResCAM)])
+def test_the_penalised_map_is_the_cam_pytorch_grad_cam_computes(method, reference_cam):
+    """The training-time map, upsampled the way pytorch-grad-cam does, equals its Grad-CAM (or HiResCAM,
+    ``model.cam_method: hirescam``) of the same log-probability on a real film (so the loss acts on the
+    heatmap the reader sees)."""
     film = sorted(need("kermany-pneumonia/val/PNEUMONIA").glob("*.jpeg"))[0]
     spec = PreprocessSpec(96, 0.5, 0.5)
     batch = XrayDataset([Record(film.name, str(film), np.zeros(2, np.float32), "p")], spec)[0][0][None]
@@ -95,9 +97,9 @@ def test_the_penalised_map_is_the_grad_cam_pytorch_grad_cam_computes():
     handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
     logits = model(batch)
     handle.remove()
-    ours = grad_cams(model, seen[-1], logits, torch.zeros(1, 2), "multiclass")
+    ours = grad_cams(model, seen[-1], logits, torch.zeros(1, 2), "multiclass", method)
     assert len(ours) == 2  # one map per class of a softmax head
-    reference = GradCAM(model=model, target_layers=[layer])
+    reference = reference_cam(model=model, target_layers=[layer], reshape_transform=model.cam_reshape_transform)
     for c, cam in enumerate(ours):
         raw = cam.detach().numpy()
         expected = reference(batch, targets=[LogSoftmaxTarget(c)])[0]
@@ -153,9 +155,11 @@ def test_training_with_the_attention_loss_moves_the_heatmap_onto_the_chest(tmp_p
 
 
 def test_attention_loss_settings_are_checked(tmp_path):
-    for bad, message in (({"attention_loss": -1}, "must be >= 0"),
-                         ({"attention_loss": 1, "nproc_per_node": 2}, "not supported")):
-        path = tiny_config(tmp_path, "kermany-pneumonia", train=bad)
+    for bad, model, message in (({"attention_loss": -1}, {}, "must be >= 0"),
+                                ({"attention_loss": 1, "nproc_per_node": 2}, {}, "not supported"),
+                                ({"attention_loss": 1}, {"cam_method": "layercam"}, "with train.attention_loss"),
+                                ({}, {"cam_method": "blurcam"}, "must be one of gradcam")):
+        path = tiny_config(tmp_path, "kermany-pneumonia", train=bad, model=model)
         with pytest.raises(ConfigError, match=message):
             load_config(path)
 

@@ -36,6 +36,7 @@ def test_overrides_are_typed():
     ({"data": {"root": "x"}, "preprocess": {"image_size": True}}, [], "preprocess.image_size"),
     ({"data": {"root": "x"}, "bogus": 1}, [], "bogus"),
     ({"data": {}}, [], "data.root"),
+    ({"data": {"root": "x"}, "model": {"cam_method": "blurcam"}}, [], "model.cam_method"),
 ])
 def test_bad_configs_name_the_key(tree, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -49,3 +50,10 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_the_heatmap_methods_a_config_may_name_are_the_ones_that_exist():
+    from medai.config import ATTENTION_CAM_METHODS, CAM_METHOD_NAMES
+    from medai.explain.cam import CAM_METHODS
+
+    assert set(CAM_METHOD_NAMES) == set(CAM_METHODS) and set(ATTENTION_CAM_METHODS) < set(CAM_METHODS)

@@ -112,3 +112,35 @@ def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     result = run_cli("set-cam-stride", str(other), "16")
     assert result.returncode != 0 and "are invalid" in result.stderr and "cam_stride" in result.stderr
     assert other.read_bytes() == untouched
+
+
+def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
+    """``medai set-cam-method``: the stored config's ``model.cam_method`` names the default heatmap that
+    Analyze, the API and PACS draw; the weights stay as they were; a method the project does not have, or
+    one the model's attention loss did not train, is refused and leaves the file untouched."""
+    import shutil
+
+    from medai.analysis import default_method
+    from medai.inference import Predictor
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    copy = tmp_path / "hybrid.safetensors"
+    shutil.copy(models / "pneumonia-hybrid.safetensors", copy)
+    before = load_file(copy)
+    assert default_method(Predictor(copy)) == "gradcam"  # the hybrid architecture's own default
+    run_cli("set-cam-method", str(copy), "hirescam", "--note", "Measured: HiResCAM.", check=True)
+    card = read_card(copy)
+    assert card["training_config"]["model"]["cam_method"] == "hirescam"
+    assert card["model_card"]["notes"].endswith("Measured: HiResCAM.")
+    assert default_method(Predictor(copy)) == "hirescam"
+    after = load_file(copy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for shipped, method, message in ((copy, "blurcam", "must be one of"),
+                                     (models / "nih14-efficientnet-lite0-chest.safetensors", "layercam",
+                                      "with train.attention_loss")):
+        target = tmp_path / f"other-{shipped.name}"
+        shutil.copy(shipped, target)
+        untouched = target.read_bytes()
+        result = run_cli("set-cam-method", str(target), method)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert target.read_bytes() == untouched

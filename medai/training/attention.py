@@ -8,9 +8,10 @@ loss becomes ``classification + w * outside``:
 - every training film gets the learned lungs + heart (``medai.explain.segmentation``) at the input size,
   cached on disk by file content and segmentation weights, and moved by the same crop and affine as the
   image (:class:`ChestMasks`);
-- each step computes the Grad-CAM the Analyze page shows, differentiably: the gradient of the class score
-  at the model's CAM target layer (``create_graph=True``), its spatial mean as channel weights, the ReLU of
-  the weighted sum (:func:`outside_share`);
+- each step computes the heatmap the Analyze page shows, differentiably: the gradient of the class score
+  at the model's CAM target layer (``create_graph=True``); Grad-CAM takes its spatial mean as channel
+  weights, HiResCAM (``model.cam_method: hirescam``) multiplies it with the activation element-wise; the
+  ReLU of the sum over channels (:func:`outside_share`);
 - ``outside`` is the CAM's mass outside the mask over its total, averaged over films and classes. Scores are
   the CAM targets of :mod:`medai.explain.cam`: the log-probability of each class (softmax heads), the logit
   of each positive finding summed (multi-label heads; films with none add nothing).
@@ -32,10 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from medai.data.cache import DecodeCache
+from medai.config import ATTENTION_CAM_METHODS
 from medai.errors import ConfigError
 from medai.imaging import resize_float
 
 log = logging.getLogger(__name__)
+
+METHODS = ATTENTION_CAM_METHODS  # the heatmaps this term can train
+
+
+def method_for(cam_method: str | None) -> str:
+    """The heatmap the term trains (and the model then explains with): ``model.cam_method`` of the config
+    when it is one of :data:`METHODS`, else Grad-CAM (config validation refuses any other)."""
+    return cam_method if cam_method in METHODS else "gradcam"
 
 
 class ChestMasks:
@@ -80,8 +90,8 @@ def _class_scores(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> lis
 
 
 def outside_share(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-                  kind: str, forward=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits and the mean share of Grad-CAM outside ``masks`` (B x 1 x S x S in [0, 1]) over the
+                  kind: str, forward=None, method: str = "gradcam") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits and the mean share of the heatmap (``method``, see :data:`METHODS`) outside ``masks`` (B x 1 x S x S in [0, 1]) over the
     films that have a mask and the maps of each (differentiable), or None when no film counts.
     ``forward`` (default ``model``) runs the forward pass (the caller's autocast around it)."""
     layer = model.cam_target_layers()[0]
@@ -98,7 +108,7 @@ def outside_share(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     if not raw.requires_grad or not bool(films.any()):
         return logits, None
     shares = []
-    for cam in grad_cams(model, raw, logits, targets, kind):
+    for cam in grad_cams(model, raw, logits, targets, kind, method):
         inside = F.adaptive_avg_pool2d(masks.to(cam.dtype), cam.shape[-2:])[:, 0]
         total = cam.flatten(1).sum(dim=1)
         outside = (cam * (1 - inside)).flatten(1).sum(dim=1) / torch.where(total > 0, total, 1.0)
@@ -108,14 +118,16 @@ def outside_share(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 
 def grad_cams(model: nn.Module, raw: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-              kind: str) -> list[torch.Tensor]:
-    """Grad-CAM (before upsampling: B x h x w at the target layer) of each score of
+              kind: str, method: str = "gradcam") -> list[torch.Tensor]:
+    """Grad-CAM or HiResCAM (``method``; before upsampling: B x h x w at the target layer) of each score of
     :func:`_class_scores`, from the target layer's output ``raw``; differentiable (second order)."""
     activations = model.cam_reshape_transform(raw).float()
     cams = []
     for score in _class_scores(logits, targets, kind):
         (grad,) = torch.autograd.grad(score.sum(), raw, create_graph=True)
-        weights = model.cam_reshape_transform(grad).float().mean(dim=(2, 3), keepdim=True)
+        weights = model.cam_reshape_transform(grad).float()
+        if method != "hirescam":  # Grad-CAM: one weight per channel
+            weights = weights.mean(dim=(2, 3), keepdim=True)
         cams.append(F.relu((weights * activations).sum(dim=1)))
     return cams
 
@@ -131,10 +143,10 @@ def chest_masks(cache_root: str | Path, size: int) -> ChestMasks:
     return ChestMasks(cache_root, size, weights)
 
 
-def term(model: nn.Module, kind: str):
+def term(model: nn.Module, kind: str, method: str = "gradcam"):
     """What ``train_one_epoch`` calls as ``attention``: the CAM layer of ``model``, the forward of the
-    module it trains (``net``, the same model or its wrapper)."""
-    return lambda net, images, targets, masks: outside_share(model, images, targets, masks, kind, net)
+    module it trains (``net``, the same model or its wrapper), the heatmap ``method``."""
+    return lambda net, images, targets, masks: outside_share(model, images, targets, masks, kind, net, method)
 
 
 def report(result: dict, record: dict, epoch: int) -> None:

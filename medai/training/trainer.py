@@ -236,7 +236,8 @@ class Trainer:
         result = train_one_epoch(net, self._loader(run.train, True, epoch), run.optimizer, run.loss_fn, self.prec,
                                  t, run.clock, epoch, lambda step: self._lr_at(run, step), self._emit_step,
                                  self._should_stop, seen, (lambda: run.ema.update(run.model)) if run.ema else None,
-                                 attention.term(run.model, self.kind) if t.attention_loss else None)
+                                 attention.term(run.model, self.kind, attention.method_for(self.cfg.model.cam_method))
+                                 if t.attention_loss else None)
         if result.get("stopped"):
             return runs.CANCELLED
         for synced in {id(m): m for m in (run.model, run.kept)}.values():
