@@ -124,11 +124,13 @@ def theirs(path: Path, repeats: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shipped-only", action="store_true", help="only the shipped default model (and theirs)")
     args = ap.parse_args()
     steps = ["decode", "preprocess", "forward", "heatmap 1", "heatmaps 14", "anatomy", "overlay", "page overlay"]
     rows, compare = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        subjects = [(arch, *predictor_for(arch, kwargs, Path(tmp))) for arch, kwargs in ARCHITECTURES]
+        subjects = [] if args.shipped_only else [(arch, *predictor_for(arch, kwargs, Path(tmp)))
+                                                 for arch, kwargs in ARCHITECTURES]
         subjects.append((f"{DEFAULT_MODEL} (shipped)", *shipped_default()))
         for name, predictor, entry in subjects:
             for label, path in images():

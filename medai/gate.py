@@ -77,12 +77,13 @@ class FeatureExtractor:
     """Pooled ImageNet EfficientNet-Lite0 features of a grey image (1280 values)."""
 
     def __init__(self):
-        from medai.models.efficientnet import build_lite, run_blocks
+        from medai.models.efficientnet import build_lite, fuse_lite, run_blocks
         from medai.models.pretrained import load_pretrained
 
         self.net = build_lite("efficientnet-lite0")
         load_pretrained(self.net, "imagenet-efficientnet-lite0")
-        self.net.eval().to(memory_format=torch.channels_last)  # oneDNN's faster layout on CPU
+        fuse_lite(self.net.eval())  # BatchNorm folded into the convolutions: inference only
+        self.net.to(memory_format=torch.channels_last)  # oneDNN's faster layout on CPU
         self._run = run_blocks
 
     @torch.inference_mode()

@@ -29,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+import torch
 from scipy import ndimage as ndi
+from torch.nn import functional as F
 
 from medai.explain.masks import fill_holes, largest_component
 from medai.imaging import resize_float
@@ -310,12 +311,20 @@ def _classical(x: np.ndarray) -> ChestAnatomy:
 
 def attention_shares(heatmap: np.ndarray, anatomy: ChestAnatomy) -> dict[str, float]:
     """Share of the heatmap's total mass in each region (sums to 1)."""
-    img = Image.fromarray(heatmap.astype(np.float32), mode="F").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
-    heat = np.clip(np.asarray(img, dtype=np.float64), 0, None)
-    total = heat.sum()
-    if total <= 0:
-        return {name: 0.0 for name in anatomy.regions()}
-    return {name: float(heat[mask].sum() / total) for name, mask in anatomy.regions().items()}
+    return attention_shares_of({"": heatmap}, anatomy)[""]
+
+
+def attention_shares_of(heatmaps: dict[str, np.ndarray], anatomy: ChestAnatomy) -> dict[str, dict[str, float]]:
+    """:func:`attention_shares` of each of one film's heatmaps (all of one size), resized to WORK_SIZE together
+    (bilinear, antialiased when shrinking) and summed per region in one product."""
+    regions = anatomy.regions()
+    stack = torch.from_numpy(np.stack(list(heatmaps.values())).astype(np.float32))[:, None]
+    heat = F.interpolate(stack, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False, antialias=True)
+    heat = heat.flatten(1).clamp_(min=0).double()
+    masks = torch.from_numpy(np.stack([m.ravel() for m in regions.values()])).double()
+    mass, total = (heat @ masks.T).numpy(), heat.sum(dim=1).numpy()
+    return {label: {name: float(m / t) if t > 0 else 0.0 for name, m in zip(regions, row)}
+            for label, row, t in zip(heatmaps, mass, total)}
 
 
 def shortcut_warning(shares: dict[str, float], threshold: float = 0.5) -> str | None:

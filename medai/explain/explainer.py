@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from medai.data.io import DecodedImage
-from medai.explain.anatomy import (ChestAnatomy, attention_shares, ctr_summary, segment_chest,
+from medai.explain.anatomy import (ChestAnatomy, attention_shares_of, ctr_summary, segment_chest,
                                    shortcut_warning)
 from medai.explain.cam import compute_cams
 from medai.imaging import resize_heatmap
@@ -94,9 +94,9 @@ def explain(model: MedaiModel, batch: torch.Tensor, image: DecodedImage, targets
     small = {labels[c]: heat for c, heat in cams.heatmaps.items()}  # in the order the targets chose
     result = Explanation(labels, method, Heatmaps(small, image.pixels.shape), anatomy, cams.logits,
                          ctr=ctr_summary(anatomy, image.meta.view), timings=timings)
-    if anatomy.applicable:
-        for label, heat in small.items():  # at model size: the shares are taken at the anatomy's size
-            result.shares[label] = attention_shares(heat, anatomy)
+    if anatomy.applicable and small:  # at model size: the shares are taken at the anatomy's size
+        result.shares = attention_shares_of(small, anatomy)
+        for label in small:
             warning = shortcut_warning(result.shares[label])
             if warning:
                 result.warnings[label] = warning

@@ -27,11 +27,12 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from medai.explain.masks import fill_holes, largest_component
 from medai.imaging import resize_float
 from medai.errors import CheckpointError
-from medai.models.efficientnet import blocks_at_stride, build_lite
+from medai.models.efficientnet import blocks_at_stride, build_lite, fuse_lite
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ class LungHeartNet(nn.Module):
         for module in self.frozen_modules():  # frozen BatchNorm statistics stay ImageNet's
             module.eval()
         return self
+
+    def fuse_for_inference(self) -> None:
+        """Fold every BatchNorm (encoder and decoder) into its convolution, in place; inference only."""
+        fuse_lite(self.eval().encoder)
+        for up in self.ups:
+            for i in (0, 3):  # conv, BatchNorm, ReLU, conv, BatchNorm, ReLU
+                up.conv[i], up.conv[i + 1] = fuse_conv_bn_eval(up.conv[i], up.conv[i + 1]), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.encoder
@@ -190,6 +198,7 @@ class LearnedSegmenter:
             net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{path.name} does not match the segmentation network: {exc}") from None
+        net.fuse_for_inference()
         return cls(net.to(memory_format=torch.channels_last), card)  # oneDNN: 64 -> 46 ms per film here
 
     @torch.inference_mode()
