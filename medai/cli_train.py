@@ -1,5 +1,6 @@
 """The training and model-making commands: ``train``, ``evaluate``, ``ship``, ``attach-baseline``,
-``set-cam-stride``, ``set-cam-method`` and ``data inspect`` (their parsers and handlers; ``medai.cli`` dispatches)."""
+``set-cam-stride``, ``set-cam-method`` and ``data inspect`` (their parsers and handlers; ``medai.cli``
+dispatches)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cs.add_argument("stride", type=int, choices=[16, 32], help="16: the last stride-16 block; 32: the head")
     cs.add_argument("--note", default="", help="what was measured (added to the card's notes)")
     cm = sub.add_parser("set-cam-method", help="make another heatmap method a shipped model's default (card only)")
-    cm.add_argument("shipped", help="the shipped checkpoint, e.g. models/nih14-hybrid-lite0.safetensors")
+    cm.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
     cm.add_argument("method", help="gradcam, gradcam++, hirescam, eigencam, layercam or scorecam")
     cm.add_argument("--note", default="", help="what was measured (added to the card's notes)")
 

@@ -91,8 +91,9 @@ def _class_scores(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> lis
 
 def outside_share(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                   kind: str, forward=None, method: str = "gradcam") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits and the mean share of the heatmap (``method``, see :data:`METHODS`) outside ``masks`` (B x 1 x S x S in [0, 1]) over the
-    films that have a mask and the maps of each (differentiable), or None when no film counts.
+    """The logits and the mean share of the heatmap (``method``, see :data:`METHODS`) outside ``masks``
+    (B x 1 x S x S in [0, 1]) over the films that have a mask and the maps of each (differentiable), or None
+    when no film counts.
     ``forward`` (default ``model``) runs the forward pass (the caller's autocast around it)."""
     layer = model.cam_target_layers()[0]
     seen: list[torch.Tensor] = []
