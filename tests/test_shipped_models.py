@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from medai.catalog import DEFAULT_MODEL
 from medai.inference import Predictor
 from medai.models.checkpoint import read_card
 from medai.shipping import render_card
@@ -87,8 +88,9 @@ def test_cards_name_the_body_part_and_a_brain_model_never_gets_chest_anatomy():
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.startswith("nih14")], ids=lambda p: p.stem)
 def test_nih14_model_finds_the_14_findings_on_external_images(path: Path):
     """A fixed 200-image subset of nih-cxr14-sample (patients never seen in training): the mean AUROC over
-    the findings beats the from-scratch ResNet-18's 0.654 (on all 621). The shipped Lite0 model gives 0.685
-    here (0.690 on all 621); issue 21's bar of 0.70 is not reached yet."""
+    the findings beats the from-scratch ResNet-18's 0.654 (on all 621); the default chest model reaches
+    issue 21's bar of 0.70 (0.713 here, 0.715 on all 621). The anatomy-trained model, fine-tuned from the
+    default model it replaced, gives 0.693 here."""
     from medai.config import DataConfig
     from medai.data.datasets import load_records
 
@@ -99,7 +101,7 @@ def test_nih14_model_finds_the_14_findings_on_external_images(path: Path):
     aurocs = [roc_auc_score(targets[:, i], probs[:, i]) for i in range(targets.shape[1])
               if 0 < targets[:, i].sum() < len(records)]
     assert len(predictor.labels) == 14 and len(aurocs) >= 12
-    assert np.mean(aurocs) >= 0.66, np.round(aurocs, 3)
+    assert np.mean(aurocs) >= (0.70 if path.stem == DEFAULT_MODEL else 0.66), np.round(aurocs, 3)
 
 
 def test_the_anatomy_guided_pneumonia_model_looks_at_the_chest():
@@ -124,7 +126,7 @@ def test_the_anatomy_guided_pneumonia_model_looks_at_the_chest():
 def test_a_model_trained_with_the_attention_loss_explains_with_grad_cam():
     """nih14-efficientnet-lite0-chest's training moved its head's Grad-CAM onto the boxes (pointing game
     0.303 vs the starting model's best method there, Grad-CAM++, 0.254): Analyze, the API and PACS draw that
-    map by default. The starting model's card now explains it at stride 16 with HiResCAM (0.338)."""
+    map by default. The default model's card explains it at stride 16 with HiResCAM (0.373)."""
     from medai.analysis import default_method
 
     chest = Predictor(ROOT / "models" / "nih14-efficientnet-lite0-chest.safetensors")
@@ -155,7 +157,7 @@ def _pointing_game(model, method: str, films: list[tuple[Path, list[tuple[str, f
 def test_the_default_chest_model_points_at_the_radiologists_boxes_from_stride_16():
     """The same weights explained at the last stride-16 block (the shipped card's ``cam_stride: 16``, with
     HiResCAM) put the heatmap's peak inside more of the radiologists' boxes than at the head's 7x7 map with
-    its best method there, Grad-CAM++ (benchmarks/cam_quality.py, all 515 boxes: 0.338 vs 0.254). Checked
+    its best method there, Grad-CAM++ (benchmarks/cam_quality.py, all 515 boxes: 0.373 vs 0.270). Checked
     here on every fourth boxed film."""
     import csv
 
