@@ -39,13 +39,10 @@ from medai.imaging import resize_float
 
 log = logging.getLogger(__name__)
 
-METHODS = ATTENTION_CAM_METHODS  # the heatmaps this term can train
-
-
 def method_for(cam_method: str | None) -> str:
     """The heatmap the term trains (and the model then explains with): ``model.cam_method`` of the config
-    when it is one of :data:`METHODS`, else Grad-CAM (config validation refuses any other)."""
-    return cam_method if cam_method in METHODS else "gradcam"
+    when it is one of ``ATTENTION_CAM_METHODS``, else Grad-CAM (config validation refuses any other)."""
+    return cam_method if cam_method in ATTENTION_CAM_METHODS else "gradcam"
 
 
 class ChestMasks:
@@ -91,8 +88,8 @@ def _class_scores(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> lis
 
 def outside_share(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                   kind: str, forward=None, method: str = "gradcam") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits and the mean share of the heatmap (``method``, see :data:`METHODS`) outside ``masks``
-    (B x 1 x S x S in [0, 1]) over the films that have a mask and the maps of each (differentiable), or None
+    """The logits and the mean share of the heatmap (``method``, one of ``ATTENTION_CAM_METHODS``) outside
+    ``masks`` (B x 1 x S x S in [0, 1]) over the films that have a mask and the maps of each (differentiable), or None
     when no film counts.
     ``forward`` (default ``model``) runs the forward pass (the caller's autocast around it)."""
     layer = model.cam_target_layers()[0]
