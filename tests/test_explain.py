@@ -123,6 +123,21 @@ def test_shared_forward_matches_the_library_one_finding_at_a_time(trained, chest
         np.testing.assert_allclose(ours.heatmaps[c], expected, atol=1e-5)
 
 
+def test_one_backward_per_finding_where_the_batched_backward_fails(trained, chest, monkeypatch):
+    """Where torch.func.vmap cannot batch the backward pass, each finding gets its own, with the same maps."""
+    _, batch = chest
+    model = trained["hybrid_cnn_transformer"]
+    batched = compute_cams(model, batch, [0, 1, 2], "gradcam", softmax=True)
+
+    def no_batching(_fn):
+        raise RuntimeError("no batching rule")
+    monkeypatch.setattr(torch.func, "vmap", no_batching)
+    looped = compute_cams(model, batch, [0, 1, 2], "gradcam", softmax=True)
+    assert (batched.backward_passes, looped.backward_passes) == (1, 3)
+    for c in range(3):
+        np.testing.assert_allclose(looped.heatmaps[c], batched.heatmaps[c], atol=1e-6)
+
+
 def test_concurrent_explanations_do_not_interfere(trained):
     model = trained["hybrid_cnn_transformer"]
     files = sorted(need("nih-cxr14-sample/images").glob("*.jpg"))[:4]
