@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medai.analysis import analyze_and_explain, analyze_bytes, decide, result_dict
+from medai.analysis import analyze_and_explain, analyze_bytes, decide, default_method, result_dict
+from medai.data.transforms import PreprocessSpec
 from medai.inference import confidence_band
 from medai.report import report_pdf
 from medai.inference import Predictor
@@ -115,3 +116,17 @@ def test_one_pass_analysis_explains_the_finding_a_callers_thresholds_pick(chest_
     np.testing.assert_allclose(analysis.prediction.probabilities, plain.prediction.probabilities, atol=1e-4)
     heat = exp.heatmaps.small["PNEUMONIA"]
     assert heat.min() >= 0 and heat.max() <= 1 and heat.std() > 0
+
+
+@pytest.mark.parametrize("training_config,expected", [
+    ({}, "gradcam++"),  # EfficientNet-Lite's own default at its head (stride 32)
+    ({"model": {"cam_method": "layercam"}}, "layercam"),  # what the card names
+    ({"train": {"attention_loss": 0.1}}, "gradcam"),  # the map the attention loss trained
+    ({"model": {"cam_method": "hirescam"}, "train": {"attention_loss": 0.1}}, "hirescam"),
+])
+def test_the_default_heatmap_comes_from_the_card(tmp_path, training_config, expected):
+    model = create_model("efficientnet_lite0", 2).eval()
+    card = new_card("efficientnet_lite0", {}, "multilabel", ["a", "b"], PreprocessSpec(64).to_dict(),
+                    training_config=training_config)
+    predictor = Predictor(save_checkpoint(model, card, tmp_path / "m.safetensors"))
+    assert default_method(predictor) == expected

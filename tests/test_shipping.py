@@ -136,7 +136,7 @@ def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
     after = load_file(copy)
     assert all(torch.equal(before[k], after[k]) for k in before)
     for shipped, method, message in ((copy, "blurcam", "must be one of"),
-                                     (models / "nih14-efficientnet-lite0-chest.safetensors", "layercam",
+                                     (models / "pneumonia-hybrid-chest.safetensors", "layercam",
                                       "with train.attention_loss")):
         target = tmp_path / f"other-{shipped.name}"
         shutil.copy(shipped, target)
