@@ -102,7 +102,7 @@ def _gradients(model: MedaiModel, logits: torch.Tensor, activations: torch.Tenso
     closed_form = _linear_head_gradient(model, activations, classes, None if probs is None else probs.numpy())
     if closed_form is not None:
         return closed_form, 0
-    rows = torch.zeros(len(classes), *logits.shape, dtype=logits.dtype)
+    rows = torch.zeros(len(classes), *logits.shape, dtype=logits.dtype, device=logits.device)
     rows[range(len(classes)), 0, classes] = 1
     if probs is not None:  # d log p_c / d z = e_c - p
         rows -= probs.to(logits.dtype)
@@ -134,7 +134,7 @@ def _recorded_forward(model: MedaiModel, layer: torch.nn.Module, batch: torch.Te
         captured["probe"] = probe
         return model(batch)
 
-    probe = torch.zeros(_output_shape(model, layer, batch), dtype=batch.dtype)
+    probe = torch.zeros(_output_shape(model, layer, batch), dtype=batch.dtype, device=batch.device)
     hook = layer.register_forward_hook(add_probe)
     try:
         logits, pullback = torch.func.vjp(logits_of, probe)
