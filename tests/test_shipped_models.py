@@ -123,6 +123,15 @@ def test_the_anatomy_guided_pneumonia_model_looks_at_the_chest():
     assert share["pneumonia-hybrid-chest"] >= 0.8 and share["pneumonia-hybrid"] < 0.6, share
 
 
+def test_the_default_chest_model_explains_at_stride_16_with_hirescam():
+    """What Analyze, the API and the PACS node draw for the default model: HiResCAM at the last stride-16
+    block, the map that points best on the radiologists' boxes (benchmarks/RESULTS.md)."""
+    from medai.analysis import default_method
+
+    shipped = Predictor(ROOT / "models" / "nih14-efficientnet-lite0.safetensors")
+    assert shipped.model.cam_stride == 16 and default_method(shipped) == "hirescam"
+
+
 def _pointing_game(model, method: str, films: list[tuple[Path, list[tuple[str, float, float, float, float]]]],
                    labels: list[str], spec) -> float:
     from medai.data.io import decode_image
