@@ -35,6 +35,12 @@ def distance_to_box(px: float, py: float, x: float, y: float, w: float, h: float
     return float(np.hypot(max(x - px, 0.0, px - (x + w)), max(y - py, 0.0, py - (y + h))))
 
 
+def scores(dists: list[float], ious: list[float]) -> list[object]:
+    """Boxes, pointing game strict and within the tolerance, mean IoU; distances in original-film pixels."""
+    d = np.asarray(dists)
+    return [len(d), float(np.mean(d == 0)), float(np.mean(d < TOLERANCE_PX)), float(np.mean(ious))]
+
+
 class ProbabilityTarget:
     """The calibrated probability of one finding, as ROAD's score."""
 
@@ -70,7 +76,7 @@ def localisation(predictor: Predictor, methods: list[str]) -> list[list[object]]
     for r in csv.DictReader(open(root / "bboxes_512px.csv")):
         boxes[r["Image Index"]].append((BOX_TO_NIH.get(r["Finding Label"], r["Finding Label"]),
                                         *(float(r[k]) for k in ("x", "y", "w", "h"))))
-    hits, near = defaultdict(list), defaultdict(list)
+    dists = defaultdict(list)  # peak-to-box distance, in pixels of the original film
     ious = defaultdict(list)
     image_dir = root / "images" if (root / "images").is_dir() else root
     for name, items in boxes.items():
@@ -88,20 +94,16 @@ def localisation(predictor: Predictor, methods: list[str]) -> list[list[object]]
                     continue
                 heat = cams[predictor.labels.index(lab)]
                 py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                dist = distance_to_box(px, py, x, y, w, h)
-                hits[(lab, method)].append(dist == 0)
-                near[(lab, method)].append(dist < TOLERANCE_PX * heat.shape[0] / ORIGINAL_PX)
+                dists[(lab, method)].append(distance_to_box(px, py, x, y, w, h) * ORIGINAL_PX / heat.shape[0])
                 box = np.zeros(heat.shape, bool)
                 box[int(y): int(y + h), int(x): int(x + w)] = True
                 pred = heat >= 0.5 * heat.max() if heat.max() > 0 else np.zeros_like(box)
                 ious[(lab, method)].append((pred & box).sum() / max((pred | box).sum(), 1))
-    rows = []
-    for (lab, method), v in sorted(hits.items()):
-        rows.append([lab, method, len(v), float(np.mean(v)), float(np.mean(near[(lab, method)])),
-                     float(np.mean(ious[(lab, method)]))])
+
+    rows = [[lab, method, *scores(v, ious[(lab, method)])] for (lab, method), v in sorted(dists.items())]
     for method in methods:
-        pooled = [[x for (lab, m), v in d.items() if m == method for x in v] for d in (hits, near, ious)]
-        rows.append(["all findings", method, len(pooled[0]), *(float(np.mean(v)) for v in pooled)])
+        pooled = [[x for (lab, m), v in d.items() if m == method for x in v] for d in (dists, ious)]
+        rows.append(["all findings", method, *scores(*pooled)])
     return rows
 
 
