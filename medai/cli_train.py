@@ -1,4 +1,4 @@
-"""The training and model-making commands: ``train``, ``evaluate``, ``ship``, ``attach-baseline``,
+"""The training and model-making commands: ``train``, ``evaluate``, ``compare``, ``ship``, ``attach-baseline``,
 ``set-cam-stride``, ``set-cam-method`` and ``data inspect`` (their parsers and handlers; ``medai.cli``
 dispatches)."""
 
@@ -37,6 +37,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for AUROC CIs")
     e.add_argument("--batch-size", type=int, default=64)
+    cp = sub.add_parser("compare", help="is model B better than model A on the same images? (paired AUROC tests)")
+    cp.add_argument("a", help="model A's predictions.csv (from evaluate --out, or a run folder's predictions*.csv)")
+    cp.add_argument("b", help="model B's, or a reference's scores (e.g. nih-cxr14-sample/reference_chexnet_preds.csv)")
+    cp.add_argument("--bootstrap", type=int, default=1000, help="paired resamples for the macro difference")
+    cp.add_argument("--out", help="also write the comparison as JSON to this file")
     sh = sub.add_parser("ship", help="turn a finished run into a shipped model (fp16 + card + models/NAME.md)")
     sh.add_argument("run", help="run id or folder")
     sh.add_argument("--name", required=True, help="model name, e.g. pneumonia-hybrid")
@@ -148,6 +153,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from medai.atomic import write_json
+    from medai.evaluation.compare import compare_tables
+    from medai.evaluation.report import read_predictions_csv
+
+    if args.bootstrap < 100:
+        raise MedaiError("--bootstrap needs at least 100 resamples for a 95% interval")
+    out = compare_tables(read_predictions_csv(args.a), read_predictions_csv(args.b), n_boot=args.bootstrap)
+    out["a"], out["b"] = str(args.a), str(args.b)
+    if args.out:
+        write_json(Path(args.out), out)
+    print(f"B = {args.b}\nA = {args.a}\n{out['n']} images in both", end="")
+    print(f" ({out['only_in_a']} only in A, {out['only_in_b']} only in B)" if out["only_in_a"] or out["only_in_b"] else "")
+    print(f"{'finding':<20} {'n+':>5} {'AUROC A':>8} {'AUROC B':>8} {'B - A':>8} {'95% CI':>17} {'p':>7}")
+    for lab, r in [*out["per_class"].items(), (f"macro ({out['macro']['findings']})", out["macro"])]:
+        ci = f"{r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}"
+        print(f"{lab:<20} {r.get('support', ''):>5} {r['auroc_a']:>8.4f} {r['auroc_b']:>8.4f} {r['diff']:>+8.4f} "
+              f"{ci:>17} {_p(r['p']):>7}")
+    print(f"per finding DeLong's test; macro: paired bootstrap over images ({out['n_boot']} resamples)")
+    return 0
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def fmt(v: Any) -> str:
     return "   -  " if v is None else f"{v:.4f}"
 
@@ -220,5 +251,5 @@ def cmd_set_cam_method(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "ship": cmd_ship, "attach-baseline": cmd_attach_baseline,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "ship": cmd_ship, "attach-baseline": cmd_attach_baseline,
             "set-cam-stride": cmd_set_cam_stride, "set-cam-method": cmd_set_cam_method, "data": cmd_data_inspect}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medai.atomic import atomic_open
+from medai.errors import MedaiError
 from medai.evaluation.calibration import expected_calibration_error, fit_temperature, probs_from_logits
 from medai.evaluation.metrics import choose_thresholds, compute_metrics
 
@@ -46,3 +48,37 @@ def write_predictions_csv(path: str | Path, ids: list[str], patients: list[str],
         for i, row_id in enumerate(ids):
             writer.writerow([row_id, patients[i], *targets[i].astype(int).tolist(),
                              *[f"{p:.6f}" for p in probs[i]]])
+
+
+@dataclass
+class PredictionTable:
+    ids: list[str]
+    labels: list[str]
+    targets: np.ndarray | None  # N x C 0/1, None for a table of scores only
+    probs: np.ndarray  # N x C
+
+
+def read_predictions_csv(path: str | Path) -> PredictionTable:
+    """Per-image probabilities: a ``predictions.csv`` as evaluation writes it (``id``, ``true_<label>``,
+    ``prob_<label>``), or a reference's scores alone keyed by NIH's ``Image Index`` (CheXNet's on
+    nih-cxr14-sample)."""
+    import pandas as pd
+
+    name = Path(path).name
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "Image Index": str})
+    except (OSError, ValueError) as exc:
+        raise MedaiError(f"{name}: not a readable CSV ({exc})") from None
+    key = next((k for k in ("id", "Image Index") if k in table.columns), None)
+    labels = [c[len("prob_"):] for c in table.columns if c.startswith("prob_")]
+    if key is None or not labels:
+        raise MedaiError(f"{name}: needs an 'id' (or 'Image Index') column and 'prob_<label>' columns")
+    has_truth = all(f"true_{lab}" in table.columns for lab in labels)
+    try:
+        probs = table[[f"prob_{lab}" for lab in labels]].to_numpy(dtype=float)
+        targets = table[[f"true_{lab}" for lab in labels]].to_numpy(dtype=int) if has_truth else None
+    except (ValueError, TypeError) as exc:
+        raise MedaiError(f"{name}: a probability or label is not a number ({exc})") from None
+    if not np.isfinite(probs).all() or (targets is not None and not np.isin(targets, (0, 1)).all()):
+        raise MedaiError(f"{name}: probabilities must be finite numbers and labels 0 or 1")
+    return PredictionTable(table[key].astype(str).tolist(), labels, targets, probs)

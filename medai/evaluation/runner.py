@@ -13,7 +13,7 @@ from medai.config import DataConfig
 from medai.data.datasets import XrayDataset, cap_records, load_records
 from medai.data.transforms import PreprocessSpec
 from medai.errors import MedaiError
-from medai.evaluation.report import evaluate_logits
+from medai.evaluation.report import evaluate_logits, read_predictions_csv
 from medai.models.checkpoint import LoadedCheckpoint
 from medai.precision import resolve_device, resolve_precision
 from medai.evaluation.predict import predict_loader
@@ -53,16 +53,6 @@ def evaluate_checkpoint(ckpt: LoadedCheckpoint, data_cfg: DataConfig, split: str
     return Evaluation(metrics, probs, preds)
 
 
-def read_predictions_csv(path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Labels, targets and probabilities from a ``predictions.csv`` written by evaluation."""
-    import pandas as pd
-
-    table = pd.read_csv(path)
-    labels = [c[len("prob_"):] for c in table.columns if c.startswith("prob_")]
-    targets = table[[f"true_{lab}" for lab in labels]].to_numpy(dtype=int)
-    return labels, targets, table[[f"prob_{lab}" for lab in labels]].to_numpy(dtype=float)
-
-
 def stored_evaluation(run_dir) -> Evaluation:
     """A finished run's validation evaluation as the trainer stored it (eval.json + predictions.csv)."""
     import json
@@ -71,7 +61,9 @@ def stored_evaluation(run_dir) -> Evaluation:
     run_dir = Path(run_dir)
     try:
         metrics = json.loads((run_dir / "eval.json").read_text())["val"]
-        labels, targets, probs = read_predictions_csv(run_dir / "predictions.csv")
-    except (OSError, ValueError, KeyError) as exc:
+        table = read_predictions_csv(run_dir / "predictions.csv")
+    except (OSError, ValueError, KeyError, MedaiError) as exc:
         raise MedaiError(f"{run_dir.name} has no readable stored evaluation ({exc})") from None
-    return Evaluation(metrics, probs, {"targets": targets, "labels": labels})
+    if table.targets is None:
+        raise MedaiError(f"{run_dir.name}: its predictions.csv has no true_<label> columns")
+    return Evaluation(metrics, table.probs, {"targets": table.targets, "labels": table.labels, "ids": table.ids})

@@ -13,7 +13,9 @@ from medai.catalog import ModelEntry
 from medai.config import DataConfig
 from medai.errors import MedaiError
 from medai.evaluation.calibration import reliability_bins
+from medai.evaluation.compare import compare_tables
 from medai.evaluation.curves import at_threshold, comparison_csv, multiclass_confusion, pr_points, roc_points
+from medai.evaluation.report import PredictionTable
 from medai.evaluation.runner import Evaluation, evaluate_checkpoint, stored_evaluation
 from medai.models.checkpoint import load_checkpoint
 from medai.paths import data_dir, medai_home
@@ -43,6 +45,48 @@ def evaluation_for(entry: ModelEntry, choice: str, split: str) -> Evaluation:
     if entry.source == "run" and choice == OWN_VALIDATION and split == "val":
         return stored_evaluation(Path(entry.path).parent)  # what the trainer measured, no recomputation
     return _evaluate(str(entry.path), file_key(entry.path), _data_for(entry, choice), split)
+
+
+@st.cache_data(show_spinner="Testing the differences...", max_entries=32)
+def _paired(a: PredictionTable, b: PredictionTable) -> dict:
+    return compare_tables(a, b, n_boot=1000)
+
+
+def _table(ev: Evaluation, labels: list[str]) -> PredictionTable | None:
+    ids = ev.preds.get("ids")
+    return None if ids is None else PredictionTable(list(ids), list(labels), ev.preds["targets"], ev.probs)
+
+
+def _paired_differences(results: dict[str, tuple[ModelEntry, Evaluation]]) -> None:
+    """Each further model against the first, on the images both were evaluated on: is the difference real?"""
+    (base, (base_entry, base_ev)), *others = results.items()
+    base_table = _table(base_ev, base_entry.card["labels"])
+    rows, details, skipped = [], {}, []
+    for name, (entry, ev) in others:
+        table = _table(ev, entry.card["labels"])
+        try:
+            if base_table is None or table is None:
+                raise MedaiError("no image ids stored with this evaluation")
+            out = _paired(base_table, table)
+        except MedaiError as exc:
+            skipped.append(f"{name}: {exc}")
+            continue
+        m = out["macro"]
+        rows.append({"model": name, "against": base, "images": out["n"], "findings": m["findings"],
+                     "macro AUROC": m["auroc_b"], "against's": m["auroc_a"], "difference": m["diff"],
+                     "95% CI": f"{m['ci95'][0]:+.3f} to {m['ci95'][1]:+.3f}", "p": m["p"]})
+        details[name] = [{"finding": lab, "positives": r["support"], name: r["auroc_b"], base: r["auroc_a"],
+                          "difference": r["diff"], "95% CI": f"{r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}",
+                          "p": r["p"]} for lab, r in out["per_class"].items()]
+    st.markdown(f"**Paired differences against {base}** (the same images: DeLong's test per finding, a paired "
+                "bootstrap for the macro mean; a CI that spans 0 means no real difference)")
+    if rows:
+        st.dataframe(rows, hide_index=True, key="paired_differences")
+        for name, per_finding in details.items():
+            with st.expander(f"{name} against {base}, per finding"):
+                st.dataframe(per_finding, hide_index=True, key=f"paired_{name}")
+    for line in skipped:
+        st.caption(plain(f"No paired test for {line}"))
 
 
 def per_class_rows(metrics: dict) -> list[dict]:
@@ -167,6 +211,7 @@ def render_metrics(user: User) -> None:
                  "ECE after": ev.metrics["calibration"]["ece_after"]} for n, (e, ev) in results.items()]
         st.dataframe(rows, hide_index=True, key="comparison")
         st.download_button("Comparison CSV", comparison_csv(rows), "comparison.csv", "text/csv", on_click="ignore")
+        _paired_differences(results)
         common = sorted(set.intersection(*(set(e.card["labels"]) for e, _ in results.values())))
         if common:
             label = st.selectbox("ROC of class", common, key="compare_class")

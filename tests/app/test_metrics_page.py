@@ -55,6 +55,14 @@ def test_comparing_two_models_on_the_same_data(medai_home: Path, finished_run: P
     comparison = at.dataframe[0].value  # the comparison table comes first
     assert list(comparison["model"]) == [finished_run.name, other.name]
     assert (comparison["images"] == 200).all()
+    # the second model against the first on the same 200 images: the difference of the macro AUROCs shown
+    paired = next(d.value for d in at.dataframe if "difference" in d.value.columns and "against" in d.value.columns)
+    row = paired.iloc[0]
+    assert (row["model"], row["against"], row["images"]) == (other.name, finished_run.name, 200)
+    shown = comparison.set_index("model")["macro auroc"]
+    assert row["difference"] == pytest.approx(shown[other.name] - shown[finished_run.name])
+    low, high = (float(x) for x in row["95% CI"].split(" to "))
+    assert low <= row["difference"] <= high and 0 <= row["p"] <= 1
 
 
 def test_metrics_labels_read_as_a_clinician_expects(medai_home: Path, finished_run: Path):
