@@ -21,7 +21,9 @@ from medai import runs
 from medai.atomic import write_text
 from medai.config import ExperimentConfig, config_from_dict, load_config
 from medai.errors import ConfigError, MedaiError
+from medai.evaluation.compare import paired_comparison
 from medai.evaluation.metrics import auroc_per_class
+from medai.evaluation.report import read_predictions_csv
 from medai.evaluation.runner import evaluate_checkpoint
 from medai.models import create_model
 from medai.models.checkpoint import load_checkpoint, read_card, save_checkpoint, update_card
@@ -69,25 +71,29 @@ def _training_facts(run_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
                        "val_auroc": round(r["val_auroc"], 4)} for r in epochs]}
 
 
-def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.ndarray) -> dict[str, Any] | None:
-    """Per-finding AUROC of the published CheXNet probabilities shipped with the NIH sample, if present."""
+def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.ndarray,
+                      probs: np.ndarray, n_boot: int) -> dict[str, Any] | None:
+    """Per-finding AUROC of the published CheXNet probabilities shipped with the NIH sample, if present, and
+    the model's paired difference from them on the same images (DeLong per finding, bootstrap for the mean)."""
     path = resolve_data_path(root) / "reference_chexnet_preds.csv"
     if not path.is_file():
         return None
-    import pandas as pd
-
-    ref = pd.read_csv(path)
-    key = next(c for c in ref.columns if not c.startswith("prob_"))
-    ref = ref.set_index(ref[key].astype(str).map(lambda s: Path(s).stem))
+    ref = read_predictions_csv(path)
+    where = {Path(i).stem: k for k, i in enumerate(ref.ids)}
     order = [Path(i).stem for i in ids]
-    cols = [f"prob_{lab}" for lab in labels]
-    if not set(order) <= set(ref.index) or not set(cols) <= set(ref.columns):
+    if not set(order) <= set(where) or not set(labels) <= set(ref.labels):
         return None
-    aurocs = auroc_per_class(targets.astype(int), ref.loc[order, cols].to_numpy(dtype=float))
-    per = {lab: a for lab, a in zip(labels, aurocs)}
+    ref_probs = ref.probs[[where[i] for i in order]][:, [ref.labels.index(lab) for lab in labels]]
+    targets = targets.astype(int)
+    aurocs = auroc_per_class(targets, ref_probs)
     valid = [a for a in aurocs if a is not None]
-    return {"name": "published CheXNet (DenseNet121, ~78k NIH images)", "per_class_auroc": per,
-            "macro_auroc": float(np.mean(valid)) if valid else None}
+    paired = paired_comparison(targets, ref_probs, probs, labels, n_boot=max(n_boot, 200))
+    return {"name": "published CheXNet (DenseNet121, ~78k NIH images)",
+            "per_class_auroc": dict(zip(labels, aurocs)), "macro_auroc": float(np.mean(valid)) if valid else None,
+            "model_minus_reference": {"per_class": {lab: {k: r[k] for k in ("diff", "ci95", "p")}
+                                                    for lab, r in paired["per_class"].items()},
+                                      "macro": {k: paired["macro"][k] for k in ("diff", "ci95", "p")},
+                                      "tests": "DeLong per finding; paired bootstrap over images for the macro mean"}}
 
 
 def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, threshold_method: str | None = None,
@@ -118,7 +124,7 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
     every_image = dataclasses.replace(cfg.data, max_samples=None)  # as the trainer's external evaluation
     for index, root in enumerate(([cfg.data.eval_root] if cfg.data.eval_root else []) + list(also_evaluate)):
         ext = evaluate_checkpoint(load_checkpoint(target), every_image, "all", root=root, n_boot=n_boot)
-        reference = _reference_aurocs(root, card["labels"], ext.preds["ids"], ext.preds["targets"])
+        reference = _reference_aurocs(root, card["labels"], ext.preds["ids"], ext.preds["targets"], ext.probs, n_boot)
         metrics = {k: v for k, v in ext.metrics.items() if k != "checkpoint"}
         if index == 0 and cfg.data.eval_root:
             report["external"] = metrics
@@ -255,19 +261,30 @@ def _ci(c: list[float] | None) -> str:
 
 def _metrics_table(m: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
     head = "| label | support | AUROC (95% CI) | AP | threshold | sensitivity | specificity |"
-    rows = [head + (" reference AUROC |" if reference else ""),
-            "|---|---|---|---|---|---|---|" + ("---|" if reference else "")]
+    paired = (reference or {}).get("model_minus_reference")
+    rows = [head + (" reference AUROC |" if reference else "") + (" difference (95% CI), p |" if paired else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if reference else "") + ("---|" if paired else "")]
     for lab, c in m["per_class"].items():
         row = (f"| {lab} | {c['support']} | {_num(c['auroc'])}{_ci(c['auroc_ci95'])} | {_num(c['ap'])} | "
                f"{_num(c['threshold'])} | {_num(c.get('sensitivity'))} | {_num(c.get('specificity'))} |")
         if reference:
             row += f" {_num(reference['per_class_auroc'].get(lab))} |"
+        if paired:
+            row += f" {_difference(paired['per_class'].get(lab))} |"
         rows.append(row)
     mac = m["macro"]
     rows.append(f"| **macro** | {m['n']} | **{_num(mac['auroc'])}** | {_num(mac['ap'])} | | "
                 f"{_num(mac['sensitivity'])} | {_num(mac['specificity'])} |"
-                + (f" **{_num(reference['macro_auroc'])}** |" if reference else ""))
+                + (f" **{_num(reference['macro_auroc'])}** |" if reference else "")
+                + (f" **{_difference(paired['macro'])}** |" if paired else ""))
     return rows
+
+
+def _difference(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    p = "p < 0.001" if d["p"] < 0.001 else f"p {d['p']:.3f}"
+    return f"{d['diff']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), {p}"
 
 
 def _baseline_section(card: dict[str, Any]) -> list[str]:
@@ -326,7 +343,8 @@ def render_card(card: dict[str, Any]) -> str:
     if ext:
         lines += ["", f"## External evaluation: {Path(ext['data']['root']).name} ({ext['n']} images)",
                   "Thresholds and temperature from validation. Reference column: a published CheXNet's "
-                  "probabilities for the same images.", "",
+                  "probabilities for the same images; difference: this model's AUROC minus the reference's on "
+                  "them (DeLong's test per finding, a paired bootstrap for the macro mean).", "",
                   *_metrics_table(ext, card["metrics"].get("external_reference"))]
     for more in card["metrics"].get("external_more", []):
         m = more["metrics"]

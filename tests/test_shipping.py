@@ -70,6 +70,14 @@ def test_ship_nih_run_reports_the_chexnet_reference(tmp_path: Path):
     assert set(reference["per_class_auroc"]) == set(metrics["external"]["per_class"])
     assert metrics["external"]["n"] == 621
     assert "reference AUROC" in out.with_suffix(".md").read_text()
+    # the model's paired difference from the reference: the difference of the two AUROCs on the same films
+    paired = reference["model_minus_reference"]
+    for lab, d in paired["per_class"].items():
+        ours, theirs = metrics["external"]["per_class"][lab]["auroc"], reference["per_class_auroc"][lab]
+        assert d["diff"] == pytest.approx(ours - theirs) and d["ci95"][0] < d["diff"] < d["ci95"][1]
+    assert paired["macro"]["diff"] == pytest.approx(metrics["external"]["macro"]["auroc"] - reference["macro_auroc"])
+    assert paired["macro"]["diff"] < 0 and paired["macro"]["p"] < 0.001  # one epoch on 96 films is far behind
+    assert f"{paired['macro']['diff']:+.3f}" in out.with_suffix(".md").read_text()
 
 
 def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
