@@ -164,8 +164,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out["a"], out["b"] = str(args.a), str(args.b)
     if args.out:
         write_json(Path(args.out), out)
-    print(f"B = {args.b}\nA = {args.a}\n{out['n']} images in both", end="")
-    print(f" ({out['only_in_a']} only in A, {out['only_in_b']} only in B)" if out["only_in_a"] or out["only_in_b"] else "")
+    extra = out["only_in_a"] or out["only_in_b"]
+    print(f"B = {args.b}\nA = {args.a}\n{out['n']} images in both"
+          + (f" ({out['only_in_a']} only in A, {out['only_in_b']} only in B)" if extra else ""))
     print(f"{'finding':<20} {'n+':>5} {'AUROC A':>8} {'AUROC B':>8} {'B - A':>8} {'95% CI':>17} {'p':>7}")
     for lab, r in [*out["per_class"].items(), (f"macro ({out['macro']['findings']})", out["macro"])]:
         ci = f"{r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}"
@@ -251,5 +252,6 @@ def cmd_set_cam_method(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "ship": cmd_ship, "attach-baseline": cmd_attach_baseline,
-            "set-cam-stride": cmd_set_cam_stride, "set-cam-method": cmd_set_cam_method, "data": cmd_data_inspect}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "ship": cmd_ship,
+            "attach-baseline": cmd_attach_baseline, "set-cam-stride": cmd_set_cam_stride,
+            "set-cam-method": cmd_set_cam_method, "data": cmd_data_inspect}
