@@ -21,9 +21,8 @@ from medai import runs
 from medai.atomic import write_text
 from medai.config import ExperimentConfig, config_from_dict, load_config
 from medai.errors import ConfigError, MedaiError
-from medai.evaluation.compare import paired_comparison
-from medai.evaluation.metrics import auroc_per_class
-from medai.evaluation.report import read_predictions_csv
+from medai.evaluation.compare import compare_tables
+from medai.evaluation.report import PredictionTable, read_predictions_csv
 from medai.evaluation.runner import evaluate_checkpoint
 from medai.models import create_model
 from medai.models.checkpoint import load_checkpoint, read_card, save_checkpoint, update_card
@@ -79,19 +78,17 @@ def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.
     if not path.is_file():
         return None
     ref = read_predictions_csv(path)
-    where = {Path(i).stem: k for k, i in enumerate(ref.ids)}
-    order = [Path(i).stem for i in ids]
-    if not set(order) <= set(where) or not set(labels) <= set(ref.labels):
+    ref = PredictionTable([Path(i).stem for i in ref.ids], ref.labels, None, ref.probs)  # .png or .jpg alike
+    ours = PredictionTable([Path(i).stem for i in ids], labels, targets.astype(int), probs)
+    if not set(ours.ids) <= set(ref.ids) or not set(labels) <= set(ref.labels):
         return None
-    ref_probs = ref.probs[[where[i] for i in order]][:, [ref.labels.index(lab) for lab in labels]]
-    targets = targets.astype(int)
-    aurocs = auroc_per_class(targets, ref_probs)
-    valid = [a for a in aurocs if a is not None]
-    paired = paired_comparison(targets, ref_probs, probs, labels, n_boot=max(n_boot, 200))
+    paired = compare_tables(ref, ours, n_boot=max(n_boot, 200))
+    per_class = paired["per_class"]
     return {"name": "published CheXNet (DenseNet121, ~78k NIH images)",
-            "per_class_auroc": dict(zip(labels, aurocs)), "macro_auroc": float(np.mean(valid)) if valid else None,
+            "per_class_auroc": {lab: per_class[lab]["auroc_a"] if lab in per_class else None for lab in labels},
+            "macro_auroc": paired["macro"]["auroc_a"],
             "model_minus_reference": {"per_class": {lab: {k: r[k] for k in ("diff", "ci95", "p")}
-                                                    for lab, r in paired["per_class"].items()},
+                                                    for lab, r in per_class.items()},
                                       "macro": {k: paired["macro"][k] for k in ("diff", "ci95", "p")},
                                       "tests": "DeLong per finding; paired bootstrap over images for the macro mean"}}
 
