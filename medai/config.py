@@ -93,6 +93,10 @@ class TrainConfig:
     # and heart (medai/training/attention.py); 0 = off. Chest films only; others add nothing
     attention_loss: float = 0.0
     ema_decay: float = 0.0  # average the weights over steps (e.g. 0.998); 0 = off. The average is validated and kept
+    # how fast the average's window, 1 / (1 - ema_decay) steps, is reached: after n updates it spans about
+    # 1 + n / ema_ramp steps. 9 is TensorFlow's (1 + n) / (10 + n) warm-up, which takes 4,490 updates to reach
+    # 0.998; 1 is the running mean of every update so far until the window is reached (498 updates for 0.998)
+    ema_ramp: float = 9.0
     class_weighting: bool = True  # pos_weight (multi-label) / class weights (multi-class)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
@@ -269,6 +273,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (0 < t.target_sensitivity < 1, "train.target_sensitivity", "must be in (0, 1)"),
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
+        (t.ema_ramp > 0, "train.ema_ramp", "must be > 0 (1 = a running mean until the window is reached)"),
         (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),
         (t.attention_loss >= 0, "train.attention_loss", "must be >= 0 (0 = off)"),
         (not (t.attention_loss and t.nproc_per_node > 1), "train.attention_loss",

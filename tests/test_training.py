@@ -124,6 +124,32 @@ def test_weight_average_follows_the_live_weights_with_a_warm_up(tmp_path: Path):
         load_config(tiny_config(tmp_path, "pneumoniamnist", train={"ema_decay": 1.5}))
 
 
+def test_weight_average_ramp_sets_how_fast_the_window_is_reached(tmp_path: Path):
+    """ramp 9 (TensorFlow's warm-up) is still below a decay of 0.998 after 4,000 updates; ramp 1 is the running
+    mean of the start and every update until the window is reached (after 498), then the moving average."""
+    slow = WeightAverage(torch.nn.Linear(2, 1), decay=0.998)
+    slow.updates = 4000
+    assert slow.current_decay() == pytest.approx(4001 / 4010) and slow.current_decay() < 0.998
+    live = torch.nn.Linear(2, 1)
+    mean = WeightAverage(live, decay=0.998, ramp=1.0)
+    seen = [live.weight.detach().clone()]
+    for k in range(1, 6):
+        with torch.no_grad():
+            live.weight.copy_(torch.full_like(live.weight, float(k ** 2)))
+        seen.append(live.weight.detach().clone())
+        mean.update(live)
+        running_mean = (seen[0] + sum(seen)) / (k + 2)  # the start counts as two updates, as in TensorFlow's
+        assert torch.allclose(mean.module.weight, running_mean, atol=1e-5)
+    mean.updates = 498
+    assert mean.current_decay() == pytest.approx(499 / 500)
+    mean.updates = 10_000
+    assert mean.current_decay() == 0.998
+    with pytest.raises(ValueError, match="ramp must be > 0"):
+        WeightAverage(live, 0.99, ramp=0)
+    with pytest.raises(ConfigError, match="train.ema_ramp"):
+        load_config(tiny_config(tmp_path, "pneumoniamnist", train={"ema_decay": 0.99, "ema_ramp": 0}))
+
+
 class CancelAfterFirstEpoch(Callback):
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir

@@ -181,7 +181,7 @@ class Trainer:
         if t.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
-        ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
+        ema = WeightAverage(model, t.ema_decay, t.ema_ramp) if t.ema_decay else None
         state = resume_state.load(self.run_dir, model, optimizer, ema, self.prec.device, ctx.is_main)
         base_lr = t.lr * distributed.lr_scale(t.lr_scaling, ctx.world_size)
         self.card_base = card.card_base(cfg, recset, train, val, kwargs, self.spec.to_dict(), {

@@ -57,6 +57,7 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"augment.enabled={str(form['augment']).lower()}", f"train.seed={form['seed']}",
             f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
             f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}",
+            f"train.ema_ramp={form['ema_ramp']}",
             f"train.attention_loss={form['attention_loss']}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
@@ -100,12 +101,17 @@ def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
 
 
 def _averaging_and_attention(cfg, key: str) -> dict:
-    """The weight-average decay and the anatomy-guided attention weight (0 = off for both)."""
+    """The weight-average decay and warm-up, and the anatomy-guided attention weight (0 = off for both)."""
     return {
         "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
                                      0.001, format="%.4f", key=f"ema_{key}",
                                      help="0 = off. The average of the weights over the last steps "
                                           "(e.g. 0.998) is validated and kept as the best model"),
+        "ema_ramp": st.number_input("Weight average warm-up (ramp)", 0.1, 100.0, float(cfg.train.ema_ramp), 1.0,
+                                    key=f"ramp_{key}",
+                                    help="The average's window grows by one step every this many updates "
+                                         "until it reaches 1 / (1 - decay): 9 is TensorFlow's warm-up (0.998 "
+                                         "after 4,490 updates), 1 a running mean until then (498 updates)"),
         "attention_loss": st.number_input("Anatomy-guided attention (loss weight)", 0.0, 100.0,
                                           cfg.train.attention_loss, 0.1, key=f"att_{key}",
                                           help="0 = off. Adds this weight x the share of each class's "

@@ -26,7 +26,7 @@ def train_page(role: str = "researcher") -> AppTest:
 
 
 def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: str | None = None,
-                ema: float | None = None, attention: float | None = None) -> AppTest:
+                ema: float | None = None, attention: float | None = None, ramp: float | None = None) -> AppTest:
     need("pneumoniamnist")
     at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
     key = "hybrid_pneumoniamnist"
@@ -35,6 +35,8 @@ def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: s
         at.selectbox(key=f"lrs_{key}").set_value(lr_scaling)
     if ema:
         at.number_input(key=f"ema_{key}").set_value(ema)
+    if ramp:
+        at.number_input(key=f"ramp_{key}").set_value(ramp)
     if attention:
         at.number_input(key=f"att_{key}").set_value(attention)
     at.number_input(key=f"size_{key}").set_value(32)
@@ -117,7 +119,7 @@ def test_a_multi_gpu_machine_launches_a_data_parallel_run(medai_home: Path, monk
     # the page asks torch how many GPUs there are; pretend 4 so that it offers data-parallel training,
     # which then really runs as 2 torchrun processes (gloo on this CPU machine), averaging the weights
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    at = launch_tiny(train_page(), epochs=1, gpus=2, lr_scaling="linear", ema=0.99)
+    at = launch_tiny(train_page(), epochs=1, gpus=2, lr_scaling="linear", ema=0.99, ramp=1.0)
     assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
     at = rerun_until(at, "finished")
     run = jobs.list_jobs()[0]
@@ -126,4 +128,5 @@ def test_a_multi_gpu_machine_launches_a_data_parallel_run(medai_home: Path, monk
     assert 0 <= records[0]["val_auroc_live"] <= 1
     card = read_card(run.run_dir / "best.safetensors")
     assert card["distributed"]["lr_scaling"] == "linear" and card["training_config"]["train"]["ema_decay"] == 0.99
+    assert card["training_config"]["train"]["ema_ramp"] == 1.0
     assert any("Data-parallel on 2 processes" in c.value for c in at.caption)
