@@ -58,6 +58,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cs = sub.add_parser("set-cam-stride", help="explain a shipped EfficientNet-Lite at another layer (card only)")
     cs.add_argument("shipped", help="the shipped checkpoint, e.g. models/nih14-efficientnet-lite0.safetensors")
     cs.add_argument("stride", type=int, choices=[16, 32], help="16: the last stride-16 block; 32: the head")
+    cs.add_argument("--smooth", type=float, default=0.0,
+                    help="Gaussian smoothing of the heatmap grid, sigma in grid cells (0 = none)")
     cs.add_argument("--note", default="", help="what was measured (added to the card's notes)")
     cm = sub.add_parser("set-cam-method", help="make another heatmap method a shipped model's default (card only)")
     cm.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
@@ -239,8 +241,9 @@ def cmd_attach_baseline(args: argparse.Namespace) -> int:
 def cmd_set_cam_stride(args: argparse.Namespace) -> int:
     from medai.shipping import set_cam_stride
 
-    path = set_cam_stride(args.shipped, args.stride, args.note)
-    print(f"{path} and {path.with_suffix('.md')} now explain at stride {args.stride}")
+    path = set_cam_stride(args.shipped, args.stride, args.note, args.smooth)
+    smooth = f", the grid smoothed by {args.smooth} cells" if args.smooth else ""
+    print(f"{path} and {path.with_suffix('.md')} now explain at stride {args.stride}{smooth}")
     return 0
 
 

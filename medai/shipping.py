@@ -224,12 +224,14 @@ def _noted(card: dict[str, Any], note: str) -> dict[str, Any]:
     return {**card["model_card"], "notes": notes}
 
 
-def set_cam_stride(shipped: str | Path, stride: int, note: str) -> Path:
+def set_cam_stride(shipped: str | Path, stride: int, note: str, smooth: float = 0.0) -> Path:
     """Explain the shipped EfficientNet-Lite ``shipped`` at another layer (``model_kwargs.cam_stride``;
-    its default heatmap method follows), with ``note`` (what was measured) added to its card's notes."""
+    its default heatmap method follows), its grid smoothed by ``smooth`` cells (``cam_smooth``, 0 = none),
+    with ``note`` (what was measured) added to its card's notes."""
     def change(card: dict[str, Any]) -> dict[str, Any]:  # an architecture without cam_stride is refused
-        return {**card, "model_kwargs": {**card.get("model_kwargs", {}), "cam_stride": stride},
-                "model_card": _noted(card, note)}
+        kwargs = {k: v for k, v in card.get("model_kwargs", {}).items() if k != "cam_smooth"}
+        kwargs.update({"cam_stride": stride, **({"cam_smooth": smooth} if smooth else {})})
+        return {**card, "model_kwargs": kwargs, "model_card": _noted(card, note)}
     return _recard(shipped, change)
 
 

@@ -143,6 +143,28 @@ def test_cam_stride_16_explains_at_the_last_stride_16_block_with_the_same_weight
         create_model("efficientnet_lite0", 3, cam_stride=8)
 
 
+def test_cam_smooth_blurs_the_heatmap_grid_before_it_is_upsampled():
+    """``cam_smooth`` is a Gaussian blur of the grid, sigma in cells (scipy's gaussian_filter as the
+    reference); the same weights then draw a smoother map whose peak is still 1."""
+    from scipy.ndimage import gaussian_filter
+
+    from medai.explain.cam import smooth_grid
+
+    grid = np.random.default_rng(0).random((1, 14, 14)).astype(np.float32)
+    assert np.allclose(smooth_grid(grid, 0.875), gaussian_filter(grid, (0, 0.875, 0.875)), atol=1e-6)
+    assert smooth_grid(grid, 0) is grid
+    torch.manual_seed(0)
+    sharp = create_model("efficientnet_lite0", 3, frozen_blocks=6, cam_stride=16).eval()
+    smooth = create_model("efficientnet_lite0", 3, frozen_blocks=6, cam_stride=16, cam_smooth=1.0).eval()
+    smooth.load_state_dict(sharp.state_dict())
+    image = torch.rand(1, 1, 224, 224)
+    maps = [compute_cams(m, image, [1], "hirescam").heatmaps[1] for m in (sharp, smooth)]
+    variation = [np.abs(np.diff(h, axis=0)).sum() + np.abs(np.diff(h, axis=1)).sum() for h in maps]
+    assert variation[1] < 0.8 * variation[0] and all(np.isclose(h.max(), 1.0, atol=1e-3) for h in maps)
+    with pytest.raises(ValueError, match="cam_smooth must be between 0 and 4"):
+        create_model("efficientnet_lite0", 3, cam_smooth=-1)
+
+
 @pytest.mark.parametrize("architecture, kwargs", [("efficientnet_lite0", {"cam_stride": 16}),
                                                   ("hybrid_cnn_transformer", {"backbone": "efficientnet-lite0"})])
 def test_the_fused_inference_copy_has_no_batchnorm_and_the_same_outputs(architecture, kwargs):

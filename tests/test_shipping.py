@@ -108,7 +108,12 @@ def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     run_cli("set-cam-stride", str(copy), "32", "--note", "Measured: the head.", check=True)
     card = read_card(copy)
     assert card["model_kwargs"]["cam_stride"] == 32 and card["model_card"]["notes"].endswith("Measured: the head.")
-    assert load_checkpoint(copy).model.cam_method == "gradcam++"
+    assert load_checkpoint(copy).model.cam_method == "gradcam++" and "cam_smooth" not in card["model_kwargs"]
+    run_cli("set-cam-stride", str(copy), "16", "--smooth", "0.5", check=True)
+    assert read_card(copy)["model_kwargs"] == {"frozen_blocks": 6, "cam_stride": 16, "cam_smooth": 0.5}
+    assert load_checkpoint(copy).model.cam_smooth == 0.5
+    run_cli("set-cam-stride", str(copy), "32", "--note", "Measured: the head.", check=True)
+    card = read_card(copy)
     after = load_file(copy)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     md = copy.with_suffix(".md").read_text()

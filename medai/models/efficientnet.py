@@ -117,10 +117,11 @@ class EfficientNetLite(MedaiModel):
     cam_method = CAM_METHOD_AT_STRIDE[32]
 
     def __init__(self, num_classes: int, variant: str = "efficientnet-lite0", frozen_blocks: int = 0,
-                 drop_rate: float | None = None, cam_stride: int = 32):
+                 drop_rate: float | None = None, cam_stride: int = 32, cam_smooth: float = 0.0):
         """``cam_stride``: the layer heatmaps are taken at, 32 (the head's feature map, what the classifier
         pools) or 16 (the last block at stride 16: twice the resolution, its gradients pass the blocks
-        above). A checkpoint's card keeps it, so a model explains at the layer its card was measured at."""
+        above). ``cam_smooth``: Gaussian smoothing of the heatmap grid, sigma in grid cells (0 = none). A
+        checkpoint's card keeps both, so a model explains the way its card was measured."""
         super().__init__()
         self.net = build_lite(variant)
         self.frozen_blocks = frozen_blocks
@@ -131,7 +132,9 @@ class EfficientNetLite(MedaiModel):
         if cam_stride == 16 and frozen_blocks > last_at_16:
             raise ValueError(f"cam_stride 16 explains at block {last_at_16}, which frozen_blocks={frozen_blocks} "
                              "keeps out of the gradient graph; freeze at most that many blocks")
-        self.cam_stride = cam_stride
+        if not 0 <= cam_smooth <= 4:
+            raise ValueError(f"cam_smooth must be between 0 and 4 grid cells, not {cam_smooth!r}")
+        self.cam_stride, self.cam_smooth = cam_stride, float(cam_smooth)
         self.cam_method = self.CAM_METHOD_AT_STRIDE[cam_stride]
         # an index, not the module: a module attribute would add its weights to the state dict a second time
         self._cam_block = last_at_16 if cam_stride == 16 else None

@@ -66,6 +66,8 @@ class MedaiModel(nn.Module):
     # The class-specific CAM method explained by default: the best ROAD faithfulness measured for the
     # architecture (benchmarks/cam_quality.py, benchmarks/RESULTS.md); never the class-agnostic EigenCAM.
     cam_method: str = "gradcam"
+    # Gaussian smoothing of each heatmap's grid before it is upsampled, sigma in grid cells; 0 = none
+    cam_smooth: float = 0.0
 
     def fuse_for_inference(self) -> None:
         """Fold eval-mode BatchNorm into the convolutions, in place, where the architecture knows how: the
