@@ -229,8 +229,9 @@ def set_cam_stride(shipped: str | Path, stride: int, note: str, smooth: float = 
     its default heatmap method follows), its grid smoothed by ``smooth`` cells (``cam_smooth``, 0 = none),
     with ``note`` (what was measured) added to its card's notes."""
     def change(card: dict[str, Any]) -> dict[str, Any]:  # an architecture without cam_stride is refused
-        kwargs = {k: v for k, v in card.get("model_kwargs", {}).items() if k != "cam_smooth"}
-        kwargs.update({"cam_stride": stride, **({"cam_smooth": smooth} if smooth else {})})
+        kwargs = {**card.get("model_kwargs", {}), "cam_stride": stride, "cam_smooth": smooth}
+        if not smooth:  # no smoothing: the key goes, as on a card that never had it
+            del kwargs["cam_smooth"]
         return {**card, "model_kwargs": kwargs, "model_card": _noted(card, note)}
     return _recard(shipped, change)
 

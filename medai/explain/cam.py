@@ -195,6 +195,7 @@ def smooth_grid(grid: np.ndarray, sigma: float) -> np.ndarray:
     return (rows @ grid.astype(np.float32) @ cols.T).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)  # one per grid size and width: built once, not for every finding of every image
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     """The n x n matrix of a 1-D Gaussian blur (taps to 4 sigma) with the edges reflected (d c b a | a b c d)."""
     radius = max(1, int(4 * sigma + 0.5))
@@ -205,6 +206,7 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     source = np.where(source < n, source, 2 * n - 1 - source)
     matrix = np.zeros((n, n), np.float32)
     np.add.at(matrix, (np.repeat(np.arange(n), len(offsets)), source.ravel()), np.tile(taps, n))
+    matrix.flags.writeable = False  # shared by every caller
     return matrix
 
 
