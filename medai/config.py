@@ -97,6 +97,9 @@ class TrainConfig:
     # 1 + n / ema_ramp steps. 9 is TensorFlow's (1 + n) / (10 + n) warm-up, which takes 4,490 updates to reach
     # 0.998; 1 is the running mean of every update so far until the window is reached (498 updates for 0.998)
     ema_ramp: float = 9.0
+    # draw each training film with probability ~ n ** -patient_balance, n = its patient's film count in the split:
+    # 0 = every film equally (plain shuffling), 1 = every patient equally (medai/training/sampling.py)
+    patient_balance: float = 0.0
     class_weighting: bool = True  # pos_weight (multi-label) / class weights (multi-class)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
@@ -274,6 +277,8 @@ def validate(cfg: ExperimentConfig) -> None:
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
         (t.ema_ramp > 0, "train.ema_ramp", "must be > 0 (1 = a running mean until the window is reached)"),
+        (0 <= t.patient_balance <= 1, "train.patient_balance",
+         "must be in [0, 1] (0 = off, 1 = every patient equally)"),
         (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),
         (t.attention_loss >= 0, "train.attention_loss", "must be >= 0 (0 = off)"),
         (not (t.attention_loss and t.nproc_per_node > 1), "train.attention_loss",

@@ -45,6 +45,7 @@ from medai.training.distributed import SINGLE, DistContext
 from medai.training.ema import WeightAverage
 from medai.training.loop import (EarlyStopping, StepClock, loader_worker_init, lr_factor, make_loss,
                                  train_one_epoch)
+from medai.training.sampling import PatientBalancedSampler, effective_films, film_weights
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class Trainer:
                          build_augmentation(self.cfg.augment) if train else None, self._masks if train else None)
         gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)
         sampler = None
-        if train and self.ctx.enabled:
+        if train and t.patient_balance > 0:
+            sampler = PatientBalancedSampler([r.patient_id for r in records], t.patient_balance, t.seed,
+                                             self.ctx.rank, self.ctx.world_size)
+            sampler.set_epoch(epoch)
+        elif train and self.ctx.enabled:
             # disjoint shards, reshuffled per epoch; drop_last keeps every rank at the same step count
             # without padding a shard with another rank's images
             sampler = DistributedSampler(ds, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=t.seed,
@@ -224,6 +229,10 @@ class Trainer:
         log.info("run %s: %s on %s (%s), %d train / %d val images, %d labels, %d process(es)",
                  self.run_dir.name, self.cfg.model.name, self.prec.device, self.prec.name, len(run.train),
                  len(self._val), len(self.labels), self.ctx.world_size)
+        if t.patient_balance > 0:
+            patients = [r.patient_id for r in run.train]
+            log.info("patient-balanced sampling (power %g): %d patients, worth %.0f equally drawn films per epoch",
+                     t.patient_balance, len(set(patients)), effective_films(film_weights(patients, t.patient_balance)))
 
     def _epoch(self, run: _Setup, epoch: int) -> str:
         """Train one epoch, validate, decide; the run's state afterwards (running, or why it ends)."""

@@ -57,7 +57,7 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"augment.enabled={str(form['augment']).lower()}", f"train.seed={form['seed']}",
             f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
             f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}",
-            f"train.ema_ramp={form['ema_ramp']}",
+            f"train.ema_ramp={form['ema_ramp']}", f"train.patient_balance={form['patient_balance']}",
             f"train.attention_loss={form['attention_loss']}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
@@ -100,8 +100,9 @@ def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
     return {"nproc": int(nproc), "lr_scaling": scaling}
 
 
-def _averaging_and_attention(cfg, key: str) -> dict:
-    """The weight-average decay and warm-up, and the anatomy-guided attention weight (0 = off for both)."""
+def _averaging_sampling_attention(cfg, key: str) -> dict:
+    """The weight-average decay and warm-up, patient-balanced sampling and the anatomy-guided attention weight
+    (0 = off for each)."""
     return {
         "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
                                      0.001, format="%.4f", key=f"ema_{key}",
@@ -112,6 +113,11 @@ def _averaging_and_attention(cfg, key: str) -> dict:
                                     help="The average's window grows by one step every this many updates "
                                          "until it reaches 1 / (1 - decay): 9 is TensorFlow's warm-up (0.998 "
                                          "after 4,490 updates), 1 a running mean until then (498 updates)"),
+        "patient_balance": st.number_input("Patient balance", 0.0, 1.0, float(cfg.train.patient_balance), 0.25,
+                                           key=f"balance_{key}",
+                                           help="Draw each film with probability n^-balance, n = its patient's "
+                                                "film count: 0 = every film equally, 1 = every patient equally "
+                                                "(for sets where some patients have many follow-up films)"),
         "attention_loss": st.number_input("Anatomy-guided attention (loss weight)", 0.0, 100.0,
                                           cfg.train.attention_loss, 0.1, key=f"att_{key}",
                                           help="0 = off. Adds this weight x the share of each class's "
@@ -151,7 +157,7 @@ def _launch_form(user: User) -> None:
                                             cfg.train.early_stopping_patience or 0, key=f"pat_{key}"),
                 "head_epochs": st.number_input("Two-stage: head-only epochs first", 0, 100, cfg.train.head_epochs,
                                                key=f"head_{key}"),
-                **_averaging_and_attention(cfg, key),
+                **_averaging_sampling_attention(cfg, key),
                 "augment": st.checkbox("Augmentation", value=cfg.augment.enabled, key=f"aug_{key}"),
                 "seed": st.number_input("Seed", 0, 2**31 - 1, cfg.train.seed, key=f"seed_{key}"),
                 "pretrained": _starting_weights(key),
