@@ -277,6 +277,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (t.bootstrap >= 0, "train.bootstrap", "must be >= 0"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
         (t.ema_ramp > 0, "train.ema_ramp", "must be > 0 (1 = a running mean until the window is reached)"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
         (0 <= t.patient_balance <= 1, "train.patient_balance",
          "must be in [0, 1] (0 = off, 1 = every patient equally)"),
         (t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1"),

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from medai.models.checkpoint import read_card
 from medai.precision import resolve_precision
 from medai.runs import read_progress
 from medai.training.callbacks import Callback
-from medai.training.loop import EarlyStopping
+from medai.training.loop import EarlyStopping, make_loss
 from medai.runs import CANCEL_FILE, new_run as new_run_dir
 from medai.training.ema import WeightAverage
 from medai.training.trainer import Trainer, resume, train
@@ -180,6 +181,27 @@ def test_ema_run_keeps_and_resumes_the_weight_average(tmp_path: Path):
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(0 <= r["val_auroc"] <= 1 and 0 <= r["val_auroc_live"] <= 1 for r in epochs)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_label_smoothing_reaches_multilabel_losses(tmp_path: Path):
+    """Multi-label targets move label_smoothing / 2 towards 0.5, with the class weights kept; a multi-class
+    loss smooths as cross-entropy does. Before, a multi-label run ignored the setting."""
+    targets = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=np.float32)
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.0, 4.0], [0.2, 1.5, -2.0], [-1.0, -1.0, -1.0]])
+    y = torch.from_numpy(targets)
+    for weighting in (False, True):
+        cfg = load_config(tiny_config(tmp_path, "pneumoniamnist", train={"label_smoothing": 0.2,
+                                                                          "class_weighting": weighting}))
+        smoothed = make_loss("multilabel", targets, cfg.train, torch.device("cpu"))(logits, y)
+        pos_weight = torch.tensor([3.0, 3.0, 3.0]) if weighting else None  # (4 - 1) / 1 per finding
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, y * 0.8 + 0.1, pos_weight=pos_weight)
+        plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        assert torch.isclose(smoothed, expected) and not torch.isclose(smoothed, plain)
+    multiclass = make_loss("multiclass", targets[:3], cfg.train, torch.device("cpu"))(logits[:3], y[:3])
+    expected = torch.nn.functional.cross_entropy(logits[:3], y[:3].argmax(1), label_smoothing=0.2)
+    assert torch.isclose(multiclass, expected)  # one film per class: the class weights are all 1
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+        load_config(tiny_config(tmp_path, "pneumoniamnist", train={"label_smoothing": 1.0}))
 
 
 def test_early_stopping_rule():

@@ -18,7 +18,8 @@ from medai.precision import Precision
 
 
 def make_loss(kind: str, train_targets: np.ndarray, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """BCE with per-class ``pos_weight`` (multi-label) or cross-entropy, optionally class-weighted."""
+    """BCE with per-class ``pos_weight`` (multi-label) or cross-entropy, optionally class-weighted; both with
+    ``label_smoothing``."""
     pos = train_targets.sum(0)
     n = len(train_targets)
     if kind == "multilabel":
@@ -26,12 +27,26 @@ def make_loss(kind: str, train_targets: np.ndarray, cfg: TrainConfig, device: to
         if cfg.class_weighting:
             weight = torch.tensor(np.clip((n - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32)
             weight = weight.to(device)
-        return nn.BCEWithLogitsLoss(pos_weight=weight)
+        return _SmoothedBCE(weight, cfg.label_smoothing)
     weight = None
     if cfg.class_weighting:
         w = n / (len(pos) * np.maximum(pos, 1))
         weight = torch.tensor(w / w.mean(), dtype=torch.float32).to(device)
     return _SoftTargetCE(weight, cfg.label_smoothing)
+
+
+class _SmoothedBCE(nn.Module):
+    """Multi-label BCE on logits whose 0/1 targets are moved ``label_smoothing / 2`` towards 0.5 (each finding
+    is a two-class problem, smoothed as cross-entropy smooths two classes): for text-mined labels, a wrong
+    label costs a bounded loss."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, label_smoothing: float):
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        self.smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target * (1 - self.smoothing) + self.smoothing / 2 if self.smoothing else target)
 
 
 class _SoftTargetCE(nn.Module):
