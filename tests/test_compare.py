@@ -107,3 +107,20 @@ def test_compare_command_on_prediction_files(chexnet: PredictionTable, tmp_path:
     (tmp_path / "noid.csv").write_text("name,prob_Mass\nx.png,0.5\n")
     assert main(["compare", str(tmp_path / "noid.csv"), str(reference)]) == 2
     assert "needs an 'id'" in capsys.readouterr().err
+
+
+def test_stored_predictions_read_back_exactly(chexnet: PredictionTable, tmp_path: Path):
+    """Saturated scores that differ beyond the 6th decimal stay apart in predictions.csv: a table rounded to 6
+    decimals tied them, so AUROCs recomputed from it (the Metrics page's paired differences) drifted from the
+    ones evaluation had stored beside it."""
+    from medai.evaluation.report import write_predictions_csv
+
+    probs = chexnet.probs.astype(np.float32).copy()
+    probs[:40, 0] = 1 - np.linspace(1e-7, 4e-7, 40, dtype=np.float32)  # 40 scores within 3e-7 of one another
+    path = tmp_path / "predictions.csv"
+    write_predictions_csv(path, chexnet.ids, chexnet.ids, chexnet.targets, probs, chexnet.labels)
+    back = read_predictions_csv(path)
+    assert back.ids == chexnet.ids and np.array_equal(back.targets, chexnet.targets)
+    assert np.array_equal(back.probs, probs.astype(float))
+    assert len(np.unique(back.probs[:40, 0])) == len(np.unique(probs[:40, 0])) > 1
+    assert roc_auc_score(back.targets[:, 0], back.probs[:, 0]) == roc_auc_score(chexnet.targets[:, 0], probs[:, 0])

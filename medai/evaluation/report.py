@@ -41,13 +41,16 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, labels: list[str], 
 
 def write_predictions_csv(path: str | Path, ids: list[str], patients: list[str], targets: np.ndarray,
                           probs: np.ndarray, labels: list[str]) -> None:
+    """Every probability exactly as it was scored (the shortest text that reads back to the same float): a
+    table rounded to 6 decimals tied saturated scores, so metrics recomputed from it (the Metrics page's
+    paired differences) drifted from those the evaluation stored beside it."""
     with atomic_open(path, "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "patient_id", *[f"true_{lab}" for lab in labels],
                          *[f"prob_{lab}" for lab in labels]])
         for i, row_id in enumerate(ids):
             writer.writerow([row_id, patients[i], *targets[i].astype(int).tolist(),
-                             *[f"{p:.6f}" for p in probs[i]]])
+                             *[repr(float(p)) for p in probs[i]]])
 
 
 @dataclass
