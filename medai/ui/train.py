@@ -116,8 +116,9 @@ def _averaging_sampling_attention(cfg, key: str) -> dict:
         "patient_balance": st.number_input("Patient balance", 0.0, 1.0, float(cfg.train.patient_balance), 0.25,
                                            key=f"balance_{key}",
                                            help="Draw each film with probability n^-balance, n = its patient's "
-                                                "film count: 0 = every film equally, 1 = every patient equally "
-                                                "(for sets where some patients have many follow-up films)"),
+                                                "film count: 0 = every film equally, 1 = every patient equally. "
+                                                "On NIH-14, 0.5 scored 0.04 lower on the one-film-per-patient "
+                                                "sample (README)"),
         "attention_loss": st.number_input("Anatomy-guided attention (loss weight)", 0.0, 100.0,
                                           cfg.train.attention_loss, 0.1, key=f"att_{key}",
                                           help="0 = off. Adds this weight x the share of each class's "
