@@ -1,5 +1,5 @@
 """The training and model-making commands: ``train``, ``evaluate``, ``compare``, ``ship``, ``attach-baseline``,
-``set-cam-stride``, ``set-cam-method`` and ``data inspect`` (their parsers and handlers; ``medai.cli``
+``set-cam-stride``, ``set-cam-method``, ``note`` and ``data inspect`` (their parsers and handlers; ``medai.cli``
 dispatches)."""
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")
     sh.add_argument("--also-evaluate", action="append", default=[], metavar="DATASET",
                     help="another labelled set to evaluate and report (repeatable), e.g. nih-cxr14-bbox")
+    _add_card_parsers(sub)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="counts per label and split, patients, image sizes")
+    di.add_argument("path")
+    di.add_argument("--patient-regex")
+    di.add_argument("--json", action="store_true")
+
+
+def _add_card_parsers(sub: argparse._SubParsersAction) -> None:
+    """The commands that change a shipped model's card and never its weights."""
     ab = sub.add_parser("attach-baseline", help="report a baseline checkpoint in a shipped model's card")
     ab.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
     ab.add_argument("baseline", help="the baseline's checkpoint, shipped with `ship --out` to a scratch folder")
@@ -65,13 +77,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cm.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
     cm.add_argument("method", help="gradcam, gradcam++, hirescam, eigencam, layercam or scorecam")
     cm.add_argument("--note", default="", help="what was measured (added to the card's notes)")
-
-    d = sub.add_parser("data", help="dataset tools")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    di = dsub.add_parser("inspect", help="counts per label and split, patients, image sizes")
-    di.add_argument("path")
-    di.add_argument("--patient-regex")
-    di.add_argument("--json", action="store_true")
+    nt = sub.add_parser("note", help="add what was measured to a shipped model's card (card only)")
+    nt.add_argument("shipped", help="the shipped checkpoint, e.g. models/pneumonia-hybrid.safetensors")
+    nt.add_argument("note", help="what was measured, with the date and how to reproduce it")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -255,6 +263,14 @@ def cmd_set_cam_method(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_note(args: argparse.Namespace) -> int:
+    from medai.shipping import add_note
+
+    path = add_note(args.shipped, args.note)
+    print(f"{path} and {path.with_suffix('.md')} now carry the note")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "ship": cmd_ship,
             "attach-baseline": cmd_attach_baseline, "set-cam-stride": cmd_set_cam_stride,
-            "set-cam-method": cmd_set_cam_method, "data": cmd_data_inspect}
+            "set-cam-method": cmd_set_cam_method, "note": cmd_note, "data": cmd_data_inspect}

@@ -224,6 +224,14 @@ def _noted(card: dict[str, Any], note: str) -> dict[str, Any]:
     return {**card["model_card"], "notes": notes}
 
 
+def add_note(shipped: str | Path, note: str) -> Path:
+    """Add ``note`` (something measured about the shipped model after it shipped) to its card's notes; the
+    weights and every setting stay as they are."""
+    if not note.strip():
+        raise MedaiError("the note is empty: say what was measured")
+    return _recard(shipped, lambda card: {**card, "model_card": _noted(card, note)})
+
+
 def set_cam_stride(shipped: str | Path, stride: int, note: str, smooth: float = 0.0) -> Path:
     """Explain the shipped EfficientNet-Lite ``shipped`` at another layer (``model_kwargs.cam_stride``;
     its default heatmap method follows), its grid smoothed by ``smooth`` cells (``cam_smooth``, 0 = none),

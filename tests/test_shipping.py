@@ -157,3 +157,26 @@ def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
         result = run_cli("set-cam-method", str(target), method)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert target.read_bytes() == untouched
+
+
+def test_note_adds_a_measurement_to_the_card_only(tmp_path: Path):
+    """``medai note``: what was measured after shipping goes into the card's notes and its rendered card;
+    the weights and settings stay; an empty note is refused and leaves the file untouched."""
+    import shutil
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    copy = tmp_path / "hybrid.safetensors"
+    shutil.copy(models / "pneumonia-hybrid.safetensors", copy)
+    before, card_before = load_file(copy), read_card(copy)
+    run_cli("note", str(copy), "Where it looks: 35% on the chest.", check=True)
+    card = read_card(copy)
+    assert card["model_card"]["notes"] == card_before["model_card"]["notes"] + " Where it looks: 35% on the chest."
+    assert {k: v for k, v in card.items() if k != "model_card"} == \
+        {k: v for k, v in card_before.items() if k != "model_card"}
+    assert "Where it looks: 35% on the chest." in copy.with_suffix(".md").read_text()
+    after = load_file(copy)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    untouched = copy.read_bytes()
+    result = run_cli("note", str(copy), "  ")
+    assert result.returncode != 0 and "the note is empty" in result.stderr
+    assert copy.read_bytes() == untouched
