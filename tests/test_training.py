@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +235,28 @@ def test_cancel_then_resume(tmp_path: Path):
     resume(run_dir)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert epochs_of(run_dir) == [0, 1] and (run_dir / "eval.json").is_file()
+
+
+def test_a_finished_run_gives_sigterm_back_and_keeps_nothing_alive(tmp_path: Path):
+    """SIGTERM cancels the run while it trains; afterwards the caller's handler is back, and nothing still
+    holds the trainer (a handler left bound to it kept a DDP wrapper and its gloo group alive until
+    interpreter exit, where tearing the group down aborted a finished torchrun rank)."""
+    cfg = mnist_config(tmp_path, epochs=1)
+
+    def mine(*_):
+        return None
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        trainer = Trainer(cfg, new_run_dir(cfg))
+        alive = weakref.ref(trainer)
+        trainer.fit()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        del trainer
+        gc.collect()
+        assert alive() is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path, medai_home: Path):

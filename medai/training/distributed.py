@@ -18,6 +18,7 @@ Who does what in a run of N processes:
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import math
 import os
@@ -86,8 +87,16 @@ def device_for(device: torch.device, ctx: DistContext) -> torch.device:
     return device
 
 
-def close(ctx: DistContext) -> None:
+def close(ctx: DistContext, finished: bool = False) -> None:
+    """Leave the process group. ``finished`` (this rank's work ended normally, as on every rank): first
+    free what still holds the group (a DDP reducer in a reference cycle) and wait for every rank, so that
+    the gloo group is torn down here, with no peer still using it, rather than at interpreter exit, where
+    it can abort the process (SIGABRT: "terminate called without an active exception") after a good run.
+    After a failure there is no barrier: the peers may be waiting in another collective."""
     if ctx.enabled and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -149,6 +149,9 @@ class Trainer:
 
     def _fit(self) -> Path:
         run = self._setup()
+        # SIGTERM cancels like cancel.request, for this run only: the previous handler comes back after it
+        # (a handler left in place would also keep this trainer, its DDP wrapper and process group alive)
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
         self._start(run)
         end_state, summary = runs.FINISHED, {}
         try:
@@ -160,6 +163,8 @@ class Trainer:
             summary = self._finish(run, end_state)
         except BaseException as exc:
             self._fail(exc)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         for cb in self.callbacks:
             cb.on_train_end(end_state, {"message": self._stop_reason or "", **summary})
         return self.run_dir
@@ -220,7 +225,6 @@ class Trainer:
 
     def _start(self, run: _Setup) -> None:
         t = self.cfg.train
-        signal.signal(signal.SIGTERM, self._request_stop)
         info = {"run_id": self.run_dir.name, "total_steps": run.total_steps, "start_step": run.state["step"],
                 "epochs": t.epochs, "precision": self.prec.name, "device": str(self.prec.device),
                 "world_size": self.ctx.world_size}
@@ -354,9 +358,17 @@ def train(cfg: ExperimentConfig, callbacks: list[Callback] | None = None) -> Pat
     ctx = distributed.init(resolve_device(cfg.train.device))
     try:
         run_dir = distributed.broadcast(runs.new_run(cfg) if ctx.is_main else None, ctx)
-        return Trainer(cfg, run_dir, callbacks, ctx).fit()
+        return _fit_then_leave(cfg, run_dir, callbacks, ctx)
     finally:
         distributed.close(ctx)
+
+
+def _fit_then_leave(cfg: ExperimentConfig, run_dir: Path, callbacks: list[Callback] | None,
+                    ctx: distributed.DistContext) -> Path:
+    """Train on this rank; once every rank is done, leave the process group (see ``distributed.close``)."""
+    out = Trainer(cfg, run_dir, callbacks, ctx).fit()
+    distributed.close(ctx, finished=True)
+    return out
 
 
 def start(run: str | os.PathLike, callbacks: list[Callback] | None = None) -> Path:
@@ -380,7 +392,7 @@ def _run_folder(run: str | os.PathLike, callbacks: list[Callback] | None, fresh:
             runs.clear_cancel(run_dir)
             if fresh:
                 runs.truncate_progress(run_dir, 0)
-        return Trainer(cfg, run_dir, callbacks, ctx).fit()
+        return _fit_then_leave(cfg, run_dir, callbacks, ctx)
     finally:
         distributed.close(ctx)
 
