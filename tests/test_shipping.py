@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,19 @@ from medai.config import load_config
 from medai.models.checkpoint import load_checkpoint, read_card, save_checkpoint
 from medai.shipping import ship_run
 from medai.training.trainer import train
-from tests.conftest import need, run_cli, tiny_config
+from tests.conftest import ROOT, need, run_cli, tiny_config
+
+
+def shipped_copy(tmp_path: Path, name: str, as_name: str) -> Path:
+    """A scratch copy of the shipped model ``models/<name>.safetensors`` that a card command may rewrite."""
+    copy = tmp_path / as_name
+    shutil.copy(ROOT / "models" / f"{name}.safetensors", copy)
+    return copy
+
+
+def assert_same_weights(before: dict[str, torch.Tensor], path: Path) -> None:
+    after = load_file(path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_ship_mnist_run_card_and_evaluate_reproduces(tmp_path: Path):
@@ -84,8 +97,6 @@ def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
     """Was: 'Register as model' with the default MEDAI_HOME left an untracked file in models/."""
     import subprocess
 
-    from tests.conftest import ROOT
-
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     ignored = subprocess.run(["git", "check-ignore", "-q", "models/my-registered-model.safetensors"], cwd=ROOT)
@@ -97,13 +108,9 @@ def test_models_registered_in_the_project_folder_do_not_dirty_the_source_tree():
 def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     """``medai set-cam-stride``: the card's model kwargs and notes change, the weights and the predictions
     do not, the Markdown is re-rendered; an architecture without the setting is refused, its file untouched."""
-    import shutil
-
     from medai.shipping import render_card
 
-    models = Path(__file__).resolve().parent.parent / "models"
-    copy = tmp_path / "nih14.safetensors"
-    shutil.copy(models / "nih14-efficientnet-lite0.safetensors", copy)
+    copy = shipped_copy(tmp_path, "nih14-efficientnet-lite0", "nih14.safetensors")
     before = load_file(copy)
     run_cli("set-cam-stride", str(copy), "32", "--note", "Measured: the head.", check=True)
     card = read_card(copy)
@@ -114,13 +121,11 @@ def test_set_cam_stride_rewrites_the_card_only(tmp_path: Path):
     assert load_checkpoint(copy).model.cam_smooth == 0.5
     run_cli("set-cam-stride", str(copy), "32", "--note", "Measured: the head.", check=True)
     card = read_card(copy)
-    after = load_file(copy)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(before, copy)
     md = copy.with_suffix(".md").read_text()
     size = round(copy.stat().st_size / 2**20, 1)
     assert md == render_card({**card, "model_card": {**card["model_card"], "file_mb": size}})
-    other = tmp_path / "hybrid.safetensors"
-    shutil.copy(models / "pneumonia-hybrid.safetensors", other)
+    other = shipped_copy(tmp_path, "pneumonia-hybrid", "hybrid.safetensors")
     untouched = other.read_bytes()
     result = run_cli("set-cam-stride", str(other), "16")
     assert result.returncode != 0 and "are invalid" in result.stderr and "cam_stride" in result.stderr
@@ -131,14 +136,10 @@ def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
     """``medai set-cam-method``: the stored config's ``model.cam_method`` names the default heatmap that
     Analyze, the API and PACS draw; the weights stay as they were; a method the project does not have, or
     one the model's attention loss did not train, is refused and leaves the file untouched."""
-    import shutil
-
     from medai.analysis import default_method
     from medai.inference import Predictor
 
-    models = Path(__file__).resolve().parent.parent / "models"
-    copy = tmp_path / "hybrid.safetensors"
-    shutil.copy(models / "pneumonia-hybrid.safetensors", copy)
+    copy = shipped_copy(tmp_path, "pneumonia-hybrid", "hybrid.safetensors")
     before = load_file(copy)
     assert default_method(Predictor(copy)) == "gradcam"  # the hybrid architecture's own default
     run_cli("set-cam-method", str(copy), "hirescam", "--note", "Measured: HiResCAM.", check=True)
@@ -146,10 +147,9 @@ def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
     assert card["training_config"]["model"]["cam_method"] == "hirescam"
     assert card["model_card"]["notes"].endswith("Measured: HiResCAM.")
     assert default_method(Predictor(copy)) == "hirescam"
-    after = load_file(copy)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(before, copy)
     for shipped, method, message in ((copy, "blurcam", "must be one of"),
-                                     (models / "pneumonia-hybrid-chest.safetensors", "layercam",
+                                     (ROOT / "models" / "pneumonia-hybrid-chest.safetensors", "layercam",
                                       "with train.attention_loss")):
         target = tmp_path / f"other-{shipped.name}"
         shutil.copy(shipped, target)
@@ -162,11 +162,7 @@ def test_set_cam_method_makes_another_heatmap_the_default(tmp_path: Path):
 def test_note_adds_a_measurement_to_the_card_only(tmp_path: Path):
     """``medai note``: what was measured after shipping goes into the card's notes and its rendered card;
     the weights and settings stay; an empty note is refused and leaves the file untouched."""
-    import shutil
-
-    models = Path(__file__).resolve().parent.parent / "models"
-    copy = tmp_path / "hybrid.safetensors"
-    shutil.copy(models / "pneumonia-hybrid.safetensors", copy)
+    copy = shipped_copy(tmp_path, "pneumonia-hybrid", "hybrid.safetensors")
     before, card_before = load_file(copy), read_card(copy)
     run_cli("note", str(copy), "Where it looks: 35% on the chest.", check=True)
     card = read_card(copy)
@@ -174,8 +170,7 @@ def test_note_adds_a_measurement_to_the_card_only(tmp_path: Path):
     assert {k: v for k, v in card.items() if k != "model_card"} == \
         {k: v for k, v in card_before.items() if k != "model_card"}
     assert "Where it looks: 35% on the chest." in copy.with_suffix(".md").read_text()
-    after = load_file(copy)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(before, copy)
     untouched = copy.read_bytes()
     result = run_cli("note", str(copy), "  ")
     assert result.returncode != 0 and "the note is empty" in result.stderr

@@ -18,7 +18,6 @@ Who does what in a run of N processes:
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import hashlib
 import math
 import os
@@ -88,14 +87,12 @@ def device_for(device: torch.device, ctx: DistContext) -> torch.device:
 
 
 def close(ctx: DistContext, finished: bool = False) -> None:
-    """Leave the process group. ``finished`` (this rank's work ended normally, as on every rank): first
-    free what still holds the group (a DDP reducer in a reference cycle) and wait for every rank, so that
-    the gloo group is torn down here, with no peer still using it, rather than at interpreter exit, where
-    it can abort the process (SIGABRT: "terminate called without an active exception") after a good run.
+    """Leave the process group. ``finished`` (this rank's work ended normally, as on every rank): first wait
+    for every rank, so that no rank tears its gloo connections down while a peer still uses them; a finished
+    rank torn down that way could abort at exit (SIGABRT: "terminate called without an active exception").
     After a failure there is no barrier: the peers may be waiting in another collective."""
     if ctx.enabled and dist.is_initialized():
         if finished:
-            gc.collect()
             dist.barrier()
         dist.destroy_process_group()
 
