@@ -52,6 +52,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--baseline", help="a shipped checkpoint to report beside this one")
     sh.add_argument("--also-evaluate", action="append", default=[], metavar="DATASET",
                     help="another labelled set to evaluate and report (repeatable), e.g. nih-cxr14-bbox")
+    sh.add_argument("--epoch", type=int, help="ship the weights kept after this epoch (from 1; the run must have "
+                                              "train.keep_epochs: true) instead of the best by validation AUROC")
     _add_card_parsers(sub)
 
     d = sub.add_parser("data", help="dataset tools")
@@ -233,7 +235,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     path = ship_run(args.run, args.name, out_dir=Path(args.out) if args.out else None,
                     threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
-                    notes=args.notes, baseline=args.baseline, also_evaluate=tuple(args.also_evaluate))
+                    notes=args.notes, baseline=args.baseline, also_evaluate=tuple(args.also_evaluate),
+                    epoch=args.epoch)
     print(f"shipped {path} ({path.stat().st_size / 2**20:.1f} MB) and {path.with_suffix('.md')}")
     return 0
 

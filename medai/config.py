@@ -97,6 +97,10 @@ class TrainConfig:
     # 1 + n / ema_ramp steps. 9 is TensorFlow's (1 + n) / (10 + n) warm-up, which takes 4,490 updates to reach
     # 0.998; 1 is the running mean of every update so far until the window is reached (498 updates for 0.998)
     ema_ramp: float = 9.0
+    # also keep every epoch's weights (epochs/epoch-NNN.safetensors in the run folder), so that `medai ship
+    # --epoch N` can ship one other than the best by validation AUROC (e.g. where anatomy-guided training
+    # moves the heatmaps further in later epochs than the AUROC rewards)
+    keep_epochs: bool = False
     # draw each training film with probability ~ n ** -patient_balance, n = its patient's film count in the split:
     # 0 = every film equally (plain shuffling), 1 = every patient equally (medai/training/sampling.py)
     patient_balance: float = 0.0

@@ -9,7 +9,9 @@
 - ``cancel.request``: present when someone asked the run to stop (the trainer ends its step, saves,
   and reports ``cancelled``);
 - ``best.safetensors`` (weights + model card), ``last.pt`` (resume state), ``eval.json``,
-  ``predictions*.csv``, ``train.log`` and ``process.log`` (a job's stdout and stderr).
+  ``predictions*.csv``, ``train.log`` and ``process.log`` (a job's stdout and stderr);
+- ``epochs/epoch-NNN.safetensors``: every epoch's weights, N from 1, with ``train.keep_epochs`` (what
+  ``medai ship --epoch N`` ships instead of the best).
 
 The trainer writes the status through :class:`~medai.training.callbacks.StatusFile`; the job system
 (:mod:`medai.jobs`) writes it only for runs whose process is not (or no longer) there to do it.
@@ -43,6 +45,12 @@ BEST_WEIGHTS = "best.safetensors"
 RESUME_STATE = "last.pt"
 TRAIN_LOG = "train.log"
 PROCESS_LOG = "process.log"
+EPOCH_WEIGHTS_DIR = "epochs"
+
+
+def epoch_weights(run_dir: Path, epoch: int) -> Path:
+    """Where ``train.keep_epochs`` keeps the weights after ``epoch`` (counted from 1, as the Train page does)."""
+    return Path(run_dir) / EPOCH_WEIGHTS_DIR / f"epoch-{epoch:03d}.safetensors"
 
 
 def new_run(cfg: Any) -> Path:

@@ -93,21 +93,36 @@ def _reference_aurocs(root: str, labels: list[str], ids: list[str], targets: np.
                                       "tests": "DeLong per finding; paired bootstrap over images for the macro mean"}}
 
 
+def _weights_to_ship(run_dir: Path, epoch: int | None) -> Path:
+    """The run's best weights, or those it kept after ``epoch`` (from 1) with ``train.keep_epochs``."""
+    if epoch is None:
+        best = run_dir / runs.BEST_WEIGHTS
+        if not best.is_file():
+            raise MedaiError(f"{run_dir} has no {runs.BEST_WEIGHTS}; is it a finished training run?")
+        return best
+    path = runs.epoch_weights(run_dir, epoch)
+    if not path.is_file():
+        kept = sorted(int(p.stem.split("-")[1]) for p in path.parent.glob("epoch-*.safetensors"))
+        raise MedaiError(f"{run_dir.name} kept no weights for epoch {epoch}: " + (
+            f"it kept epochs {', '.join(map(str, kept))}" if kept else
+            "a run keeps every epoch's weights only when trained with train.keep_epochs: true"))
+    return path
+
+
 def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, threshold_method: str | None = None,
              target_sensitivity: float | None = None, notes: str = "", baseline: str | Path | None = None,
-             n_boot: int = 500, also_evaluate: tuple[str, ...] = ()) -> Path:
-    """Write ``<out_dir>/<name>.safetensors`` (fp16) and ``<name>.md`` from a finished run. ``also_evaluate``:
+             n_boot: int = 500, also_evaluate: tuple[str, ...] = (), epoch: int | None = None) -> Path:
+    """Write ``<out_dir>/<name>.safetensors`` (fp16) and ``<name>.md`` from a finished run: its best weights,
+    or with ``epoch`` (from 1) those it kept after that epoch (``train.keep_epochs``). ``also_evaluate``:
     more labelled sets (e.g. the NIH bounding-box images) evaluated like ``data.eval_root``."""
     run_dir = Path(run) if Path(run).is_dir() else runs_dir() / str(run)
-    best = run_dir / "best.safetensors"
-    if not best.is_file():
-        raise MedaiError(f"{run_dir} has no best.safetensors; is it a finished training run?")
+    best = _weights_to_ship(run_dir, epoch)
     cfg: ExperimentConfig = load_config(run_dir / "config.yaml")
     out_dir = Path(out_dir or SHIPPED_MODELS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}.safetensors"
     source = load_checkpoint(best)
-    card = dict(source.card)
+    card = {k: v for k, v in source.card.items() if k != "epoch"}
     save_checkpoint(source.model, card, target, dtype=torch.float16)
     method = threshold_method or cfg.train.threshold_method
     sens = target_sensitivity or cfg.train.target_sensitivity
@@ -134,7 +149,7 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
     card["model_card"] = {
         "name": name, "parameters": sum(p.numel() for p in source.model.parameters()),
         "data": {**info, "summary": card.get("data_summary")},
-        "training": _training_facts(run_dir, card), "notes": notes,
+        "training": {**_training_facts(run_dir, card), "shipped_epoch": epoch}, "notes": notes,
         "intended_use": NOT_FOR_DIAGNOSIS, "limitations": info["limitations"],
         "baseline": _baseline_summary(baseline) if baseline else None,
     }
@@ -320,6 +335,14 @@ def _baseline_section(card: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _epochs_shipped(tr: dict[str, Any]) -> str:
+    """Which epoch's weights ship, counted from 1 as the Train page counts (the run records count from 0)."""
+    best = "?" if tr.get("best_epoch") is None else tr["best_epoch"] + 1
+    if tr.get("shipped_epoch") is None:
+        return f"best epoch {best} (by validation AUROC; its weights ship)"
+    return f"shipped epoch {tr['shipped_epoch']} (the best by validation AUROC was epoch {best})"
+
+
 def render_card(card: dict[str, Any]) -> str:
     """The model card as Markdown (the Models page and ``models/<name>.md`` show it)."""
     mc = card["model_card"]
@@ -340,7 +363,7 @@ def render_card(card: dict[str, Any]) -> str:
     lines += ["", "## Training",
               f"- Config: `{mc.get('recipe') or card['task'].get('name')}` (stored in the card as "
               f"`training_config`); epochs run {tr['epochs_run']} of {cfg.get('train', {}).get('epochs')}, "
-              f"best epoch {tr['best_epoch']}",
+              + _epochs_shipped(tr),
               f"- Time: {tr['time_s'] / 60:.1f} min on {tr['hardware']} ({tr['images_per_s']} images/s)"]
     if mc.get("notes"):
         lines.append(f"- What mattered: {mc['notes']}")

@@ -71,6 +71,37 @@ def test_ship_mnist_run_card_and_evaluate_reproduces(tmp_path: Path):
     assert refused.returncode != 0 and "not comparable" in refused.stderr
 
 
+def test_a_run_that_keeps_every_epoch_ships_the_one_asked_for(tmp_path: Path):
+    need("pneumoniamnist")
+    config = tiny_config(tmp_path, "pneumoniamnist", data={"labels": ["normal", "pneumonia"], "max_samples": 200},
+                         train={"epochs": 2, "keep_epochs": True, "bootstrap": 0})
+    run_dir = train(load_config(config))
+    kept = sorted(p.name for p in (run_dir / "epochs").iterdir())
+    assert kept == ["epoch-001.safetensors", "epoch-002.safetensors"]
+    best = json.loads((run_dir / "status.json").read_text())["best_epoch"] + 1  # the records count from 0
+    other = 3 - best
+    best_weights = load_file(run_dir / "best.safetensors")
+    other_weights = load_file(run_dir / "epochs" / kept[other - 1])
+    assert read_card(run_dir / "epochs" / kept[other - 1])["epoch"] == other
+    assert all(torch.equal(t, load_file(run_dir / "epochs" / kept[best - 1])[k]) for k, t in best_weights.items())
+    run_cli("ship", str(run_dir), "--name", "later", "--out", str(tmp_path / "models"), "--epoch", str(other),
+            check=True)
+    shipped = tmp_path / "models" / "later.safetensors"
+    assert all(torch.equal(t.half() if t.is_floating_point() else t, load_file(shipped)[k])
+               for k, t in other_weights.items())
+    assert not all(torch.equal(t, other_weights[k]) for k, t in best_weights.items())
+    card = read_card(shipped)
+    assert card["model_card"]["training"]["shipped_epoch"] == other and "epoch" not in card
+    assert card["thresholds"]["pneumonia"] == card["metrics"]["val"]["per_class"]["pneumonia"]["threshold"]
+    assert (f"shipped epoch {other} (the best by validation AUROC was epoch {best})"
+            in shipped.with_suffix(".md").read_text())
+    refused = run_cli("ship", str(run_dir), "--name", "x", "--out", str(tmp_path / "models"), "--epoch", "5")
+    assert refused.returncode != 0 and "kept no weights for epoch 5: it kept epochs 1, 2" in refused.stderr
+    shutil.rmtree(run_dir / "epochs")  # as a run trained without train.keep_epochs
+    refused = run_cli("ship", str(run_dir), "--name", "x", "--out", str(tmp_path / "models"), "--epoch", "1")
+    assert refused.returncode != 0 and "train.keep_epochs: true" in refused.stderr
+
+
 def test_ship_nih_run_reports_the_chexnet_reference(tmp_path: Path):
     need("nih-cxr14-train-224")
     need("nih-cxr14-sample/reference_chexnet_preds.csv")

@@ -19,7 +19,7 @@ from medai.data.datasets import Record, RecordSet, load_records
 from medai.errors import DatasetError
 from medai.evaluation.predict import predict_loader
 from medai.evaluation.report import evaluate_logits, write_predictions_csv
-from medai.models.checkpoint import load_checkpoint, update_card
+from medai.models.checkpoint import load_checkpoint, save_checkpoint, update_card
 from medai.models.pretrained import weight_source
 from medai.precision import Precision
 
@@ -54,6 +54,18 @@ def card_base(cfg: ExperimentConfig, recset: RecordSet, train: list[Record], val
                 body_part=cfg.data.body_part, starting_weights=weights_provenance(cfg.model.pretrained),
                 training_config=cfg.to_dict(), data_summary=data_summary(recset, train, val),
                 distributed=distributed)
+
+
+def save_weights(model: torch.nn.Module, card: dict[str, Any], run_dir: Path, epoch: int, *, best: bool,
+                 keep: bool) -> None:
+    """After epoch ``epoch`` (from 0): the best weights so far, and with ``train.keep_epochs`` this epoch's
+    (``runs.epoch_weights``, counted from 1), each with the card."""
+    if keep:
+        path = runs.epoch_weights(run_dir, epoch + 1)
+        path.parent.mkdir(exist_ok=True)
+        save_checkpoint(model, {**card, "epoch": epoch + 1}, path)
+    if best:
+        save_checkpoint(model, card, run_dir / runs.BEST_WEIGHTS)
 
 
 def final_evaluation(cfg: ExperimentConfig, run_dir: Path, prec: Precision, labels: list[str], kind: str,

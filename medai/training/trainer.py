@@ -35,7 +35,7 @@ from medai.evaluation.calibration import probs_from_logits
 from medai.evaluation.metrics import quick_scores
 from medai.evaluation.predict import predict_loader
 from medai.models import create_model
-from medai.models.checkpoint import new_card, save_checkpoint
+from medai.models.checkpoint import new_card
 from medai.models.registry import model_kwargs as sized_kwargs
 from medai.paths import cache_dir
 from medai.precision import resolve_device, resolve_precision
@@ -257,8 +257,9 @@ class Trainer:
             distributed.sync_buffers(synced, ctx)
         preds = self._predict_val(run.kept, run.val_loader, run.loss_fn)
         scores, improved = self._decide(run, preds, epoch)
-        if improved and ctx.is_main:
-            save_checkpoint(run.kept, new_card(**self.card_base), self.run_dir / runs.BEST_WEIGHTS)
+        if ctx.is_main:
+            card.save_weights(run.kept, new_card(**self.card_base), self.run_dir, epoch, best=improved,
+                              keep=t.keep_epochs)
         record = {"type": "epoch", "epoch": epoch, "step": run.clock.step, "train_loss": result["loss"],
                   "val_loss": preds["loss"], "val_auroc": scores["auroc"], "val_map": scores["map"],
                   "lr": self._lr_at(run, max(run.clock.step - 1, 0)), "images_per_s": run.clock.images_per_s(),

@@ -58,7 +58,7 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"name={form['name']}", f"train.nproc_per_node={form['nproc']}",
             f"train.lr_scaling={form['lr_scaling']}", f"train.ema_decay={form['ema_decay']}",
             f"train.ema_ramp={form['ema_ramp']}", f"train.patient_balance={form['patient_balance']}",
-            f"train.attention_loss={form['attention_loss']}"]
+            f"train.attention_loss={form['attention_loss']}", f"train.keep_epochs={str(form['keep_epochs']).lower()}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
         sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
     if form["pretrained"].strip():
@@ -102,7 +102,7 @@ def _parallel_inputs(cfg, key: str, gpus: int) -> dict:
 
 def _averaging_sampling_attention(cfg, key: str) -> dict:
     """The weight-average decay and warm-up, patient-balanced sampling and the anatomy-guided attention weight
-    (0 = off for each)."""
+    (0 = off for each), and whether to keep every epoch's weights."""
     return {
         "ema_decay": st.number_input("Weight average (EMA) decay", 0.0, 0.9999, cfg.train.ema_decay,
                                      0.001, format="%.4f", key=f"ema_{key}",
@@ -125,6 +125,9 @@ def _averaging_sampling_attention(cfg, key: str) -> dict:
                                                "Grad-CAM outside the learned lungs and heart (chest "
                                                "films), so heatmaps stay on the chest; about 2x the "
                                                "step time"),
+        "keep_epochs": st.checkbox("Keep every epoch's weights", cfg.train.keep_epochs, key=f"keep_{key}",
+                                   help="Besides the best by validation AUROC, so that `medai ship --epoch N` "
+                                        "can ship another (e.g. a later epoch of anatomy-guided training)"),
     }
 
 

@@ -27,7 +27,7 @@ def train_page(role: str = "researcher") -> AppTest:
 
 def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: str | None = None,
                 ema: float | None = None, attention: float | None = None, ramp: float | None = None,
-                balance: float | None = None) -> AppTest:
+                balance: float | None = None, keep_epochs: bool = False) -> AppTest:
     need("pneumoniamnist")
     at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumoniamnist.yaml").run()
     key = "hybrid_pneumoniamnist"
@@ -42,6 +42,8 @@ def launch_tiny(at: AppTest, epochs: int, gpus: int | None = None, lr_scaling: s
         at.number_input(key=f"att_{key}").set_value(attention)
     if balance:
         at.number_input(key=f"balance_{key}").set_value(balance)
+    if keep_epochs:
+        at.checkbox(key=f"keep_{key}").check()
     at.number_input(key=f"size_{key}").set_value(32)
     at.number_input(key=f"epochs_{key}").set_value(epochs)
     at.text_input(key=f"name_{key}").set_value("ui-tiny")
@@ -60,14 +62,16 @@ def rerun_until(at: AppTest, state: str, timeout: float = 300) -> AppTest:
 
 
 def test_launch_watch_finish_and_register(medai_home: Path):
-    at = launch_tiny(train_page(), epochs=2, attention=0.5, balance=0.5)
+    at = launch_tiny(train_page(), epochs=2, attention=0.5, balance=0.5, keep_epochs=True)
     assert not at.exception
     assert any("Started ui-tiny" in s.value for s in at.success), [e.value for e in at.error]
     at = rerun_until(at, "finished")
     assert not at.exception
     run = jobs.list_jobs()[0]
     trained = read_card(run.run_dir / "best.safetensors")["training_config"]["train"]
-    assert trained["attention_loss"] == 0.5 and trained["patient_balance"] == 0.5
+    assert trained["attention_loss"] == 0.5 and trained["patient_balance"] == 0.5 and trained["keep_epochs"]
+    assert sorted(p.name for p in (run.run_dir / "epochs").iterdir()) == ["epoch-001.safetensors",
+                                                                           "epoch-002.safetensors"]
     # MedMNIST arrays are no films to segment: the term adds nothing, and the log says so
     assert "no training film had a usable chest segmentation" in (run.run_dir / "train.log").read_text()
     assert at.get("plotly_chart"), "training curves are drawn"
