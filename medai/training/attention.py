@@ -153,4 +153,4 @@ def report(result: dict, record: dict, epoch: int) -> None:
         record["train_cam_outside"] = result["cam_outside"]
     else:
         log.warning("train.attention_loss: no training film had a usable chest segmentation in epoch %d, so "
-                    "the attention term added nothing (it needs frontal chest films)", epoch)
+                    "the attention term added nothing (it needs frontal chest films)", epoch + 1)

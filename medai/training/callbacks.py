@@ -86,13 +86,13 @@ class ProgressBar(Callback):
     def on_step(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.n = record["step"]
-            self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}")
+            self.bar.set_postfix(epoch=record["epoch"] + 1, loss=f"{record['loss']:.4f}")
             self.bar.refresh()
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             auroc = record.get("val_auroc")
-            self.bar.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss "
+            self.bar.write(f"epoch {record['epoch'] + 1}: train loss {record['train_loss']:.4f}, val loss "
                            f"{record['val_loss']:.4f}, val AUROC {auroc if auroc is None else round(auroc, 4)}, "
                            f"mAP {record.get('val_map') and round(record['val_map'], 4)}")
 

@@ -34,7 +34,7 @@ def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         ema.module.load_state_dict(model.state_dict())
     if is_main:
         runs.truncate_progress(run_dir, state["epoch"])
-    log.info("resumed %s after epoch %d (step %d)", run_dir.name, state["epoch"] - 1, state["step"])
+    log.info("resumed %s after epoch %d (step %d)", run_dir.name, state["epoch"], state["step"])  # from 1
     return state
 
 

@@ -277,8 +277,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch(record)
         if run.stopper.should_stop:
-            log.info("early stopping after epoch %d (best %.4f at epoch %d)", epoch, run.stopper.best,
-                     run.stopper.best_epoch)
+            log.info("early stopping after epoch %d (best %.4f at epoch %d)", epoch + 1,
+                     run.stopper.best, run.stopper.best_epoch + 1)
             return runs.FINISHED
         return runs.CANCELLED if self._should_stop() else runs.RUNNING
 
