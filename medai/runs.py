@@ -53,6 +53,12 @@ def epoch_weights(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / EPOCH_WEIGHTS_DIR / f"epoch-{epoch:03d}.safetensors"
 
 
+def kept_epochs(run_dir: Path) -> list[int]:
+    """The epochs (from 1) whose weights the run kept with ``train.keep_epochs``."""
+    files = (Path(run_dir) / EPOCH_WEIGHTS_DIR).glob("epoch-*.safetensors")
+    return sorted(int(p.stem.removeprefix("epoch-")) for p in files)
+
+
 def new_run(cfg: Any) -> Path:
     """Create ``<runs>/<name>-<stamp>-<hex>/`` with the config in it and the run ``queued``."""
     from medai.config import dump_config

@@ -102,7 +102,7 @@ def _weights_to_ship(run_dir: Path, epoch: int | None) -> Path:
         return best
     path = runs.epoch_weights(run_dir, epoch)
     if not path.is_file():
-        kept = sorted(int(p.stem.split("-")[1]) for p in path.parent.glob("epoch-*.safetensors"))
+        kept = runs.kept_epochs(run_dir)
         raise MedaiError(f"{run_dir.name} kept no weights for epoch {epoch}: " + (
             f"it kept epochs {', '.join(map(str, kept))}" if kept else
             "a run keeps every epoch's weights only when trained with train.keep_epochs: true"))

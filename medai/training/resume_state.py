@@ -34,7 +34,8 @@ def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         ema.module.load_state_dict(model.state_dict())
     if is_main:
         runs.truncate_progress(run_dir, state["epoch"])
-    log.info("resumed %s after epoch %d (step %d)", run_dir.name, state["epoch"], state["step"])  # from 1
+    # state["epoch"] counts the epochs done: the last one's number, counted from 1 as the logs count
+    log.info("resumed %s after epoch %d (step %d)", run_dir.name, state["epoch"], state["step"])
     return state
 
 

@@ -257,7 +257,7 @@ class Trainer:
             distributed.sync_buffers(synced, ctx)
         preds = self._predict_val(run.kept, run.val_loader, run.loss_fn)
         scores, improved = self._decide(run, preds, epoch)
-        if ctx.is_main:
+        if ctx.is_main and (improved or t.keep_epochs):
             card.save_weights(run.kept, new_card(**self.card_base), self.run_dir, epoch, best=improved,
                               keep=t.keep_epochs)
         record = {"type": "epoch", "epoch": epoch, "step": run.clock.step, "train_loss": result["loss"],
