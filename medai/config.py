@@ -22,6 +22,20 @@ from medai.errors import ConfigError
 
 
 @dataclass
+class ExtraTrainConfig:
+    """Films of another labelled set added to training only (medai/data/mixing.py), e.g. adults from another
+    hospital beside a one-site set, so that the model cannot tell the classes apart by the site's cues."""
+
+    root: str = ""  # any set load_records reads; relative paths are taken under MEDAI_DATA_DIR
+    labels: dict[str, list[str]] = field(default_factory=dict)  # task label -> that set's labels that make it
+    # ("No Finding" is a label of an NIH set here); a film must match exactly one class of a multi-class task
+    per_label: int | None = None  # at most this many films per task label, a seeded draw; None = all
+    seed: int = 0
+    split: str = "train"  # that set's split to draw from ("all": every film); its other films stay unseen
+    patient_regex: str | None = None
+
+
+@dataclass
 class DataConfig:
     """Where the images and labels are, and how to split them."""
 
@@ -39,6 +53,7 @@ class DataConfig:
     patient_regex: str | None = None  # file-name pattern whose first group is the patient id
     max_samples: int | None = None  # cap per split (quick experiments); None = all
     eval_root: str | None = None  # an extra labelled set evaluated after training (e.g. NIH sample)
+    extra_train: list[ExtraTrainConfig] = field(default_factory=list)  # more training films from other sets
     body_part: str | None = None  # what the images show (chest, brain, ...); the dashboard warns when an
     # upload to a chest model does not look like a frontal chest X-ray
 
@@ -301,6 +316,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
     _validate_cam_method(cfg.model.cam_method, t.attention_loss)
+    _validate_extra_train(cfg.data.extra_train)
     if not RUN_NAME.fullmatch(cfg.name):  # it names the run's folder: nothing may climb out of results/runs
         raise ConfigError(f"config key 'name' {cfg.name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit")
@@ -308,6 +324,19 @@ def validate(cfg: ExperimentConfig) -> None:
                        (p.mean, "preprocess.mean")):
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, not {value}")
+
+
+def _validate_extra_train(extras: list[ExtraTrainConfig]) -> None:
+    for i, extra in enumerate(extras):
+        key = f"data.extra_train[{i}]"
+        if not extra.root:
+            raise ConfigError(f"config key '{key}.root' must name a dataset folder or file")
+        if not extra.labels or not all(isinstance(v, list) and v and all(isinstance(s, str) for s in v)
+                                       for v in extra.labels.values()):
+            raise ConfigError(f"config key '{key}.labels' must map each task label to a list of that set's labels, "
+                              "e.g. {PNEUMONIA: [Pneumonia, Consolidation], NORMAL: [No Finding]}")
+        if extra.per_label is not None and extra.per_label < 1:
+            raise ConfigError(f"config key '{key}.per_label' must be >= 1 or null (every film)")
 
 
 def _validate_cam_method(method: str | None, attention_loss: float) -> None:

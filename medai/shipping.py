@@ -20,6 +20,7 @@ import torch
 from medai import runs
 from medai.atomic import write_text
 from medai.config import ExperimentConfig, config_from_dict, load_config
+from medai.data.mixing import describe_extra_train
 from medai.errors import ConfigError, MedaiError
 from medai.evaluation.compare import compare_tables
 from medai.evaluation.report import PredictionTable, read_predictions_csv
@@ -148,7 +149,8 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
     card["metrics"] = report
     card["model_card"] = {
         "name": name, "parameters": sum(p.numel() for p in source.model.parameters()),
-        "data": {**info, "summary": card.get("data_summary")},
+        "data": {**info, "summary": card.get("data_summary"),
+                 "also": [_dataset_info(e.root) for e in cfg.data.extra_train]},
         "training": {**_training_facts(run_dir, card), "shipped_epoch": epoch}, "notes": notes,
         "intended_use": NOT_FOR_DIAGNOSIS, "limitations": info["limitations"],
         "baseline": _baseline_summary(baseline) if baseline else None,
@@ -343,24 +345,30 @@ def _epochs_shipped(tr: dict[str, Any]) -> str:
     return f"shipped epoch {tr['shipped_epoch']} (the best by validation AUROC was epoch {best})"
 
 
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    summary = data.get("summary") or {}
+    lines = [f"- Source: {data['source']}", f"- Licence: {data['licence']}",
+             *(f"- Training also drew on: {more['source']} (licence: {more['licence']})"
+               for more in data.get("also", [])),
+             f"- Split: by patient, patient-disjoint: {summary.get('patient_disjoint')}"]
+    for split, counts in summary.get("used", {}).items():
+        per = ", ".join(f"{k} {v}" for k, v in counts["per_label"].items())
+        lines.append(f"- {split}: {counts['images']} images, {counts['patients']} patients ({per})")
+    return lines + [f"  - of these, {line}" for line in describe_extra_train(summary.get("extra_train") or [])]
+
+
 def render_card(card: dict[str, Any]) -> str:
     """The model card as Markdown (the Models page and ``models/<name>.md`` show it)."""
     mc = card["model_card"]
     tr, data, val = mc["training"], mc["data"], card["metrics"]["val"]
     cal = val["calibration"]
     cfg = card.get("training_config", {})
-    used = (data.get("summary") or {}).get("used", {})
     lines = [f"# Model card: {mc['name']}", "",
              f"**Task**: {card['task'].get('name')} ({card['task']['kind']}); labels: {', '.join(card['labels'])}.",
              f"**Architecture**: `{card['architecture']}` {card.get('model_kwargs') or ''}, "
              f"{mc['parameters'] / 1e6:.2f} M parameters, fp16 weights ({mc.get('file_mb', '?')} MB); input "
              f"{card['preprocessing']['image_size']} px grayscale.", "",
-             "## Training data", f"- Source: {data['source']}", f"- Licence: {data['licence']}",
-             f"- Split: by patient, patient-disjoint: {(data.get('summary') or {}).get('patient_disjoint')}"]
-    for split, counts in used.items():
-        per = ", ".join(f"{k} {v}" for k, v in counts["per_label"].items())
-        lines.append(f"- {split}: {counts['images']} images, {counts['patients']} patients ({per})")
-    lines += ["", "## Training",
+             "## Training data", *_data_lines(data), "", "## Training",
               f"- Config: `{mc.get('recipe') or card['task'].get('name')}` (stored in the card as "
               f"`training_config`); epochs run {tr['epochs_run']} of {cfg.get('train', {}).get('epochs')}, "
               + _epochs_shipped(tr),

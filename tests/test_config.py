@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,15 @@ def test_overrides_are_typed():
     ({"data": {"root": "x"}, "bogus": 1}, [], "bogus"),
     ({"data": {}}, [], "data.root"),
     ({"data": {"root": "x"}, "model": {"cam_method": "blurcam"}}, [], "model.cam_method"),
+    ({"data": {"root": "x", "extra_train": [{"root": "y", "labels": {"A": "b"}}]}}, [], "data.extra_train[0].labels"),
+    ({"data": {"root": "x", "extra_train": [{"root": "y", "labels": {}}]}}, [], "data.extra_train[0].labels"),
+    ({"data": {"root": "x", "extra_train": [{"labels": {"A": ["b"]}}]}}, [], "data.extra_train[0].root"),
+    ({"data": {"root": "x", "extra_train": [{"root": "y", "labels": {"A": ["b"]}, "per_label": 0}]}}, [],
+     "data.extra_train[0].per_label"),
+    ({"data": {"root": "x", "extra_train": [{"root": "y", "label": {"A": ["b"]}}]}}, [], "data.extra_train[0].label"),
 ])
 def test_bad_configs_name_the_key(tree, overrides, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         config_from_dict(tree, overrides)
 
 

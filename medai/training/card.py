@@ -42,7 +42,8 @@ def data_summary(recset: RecordSet, train: list[Record], val: list[Record]) -> d
 
     return {"root": summary["root"], "format": summary["format"],
             "used": {"train": counts(train), "val": counts(val)},
-            "patient_disjoint": not ({r.patient_id for r in train} & {r.patient_id for r in val})}
+            "patient_disjoint": not ({r.patient_id for r in train} & {r.patient_id for r in val}),
+            "extra_train": summary.get("extra_train")}
 
 
 def card_base(cfg: ExperimentConfig, recset: RecordSet, train: list[Record], val: list[Record],

@@ -29,6 +29,7 @@ from medai import runs
 from medai.config import ExperimentConfig
 from medai.data.cache import DecodeCache
 from medai.data.datasets import Record, XrayDataset, cap_records, load_records
+from medai.data.mixing import extra_train_records
 from medai.data.transforms import PreprocessSpec, build_augmentation
 from medai.errors import DatasetError, StorageError
 from medai.evaluation.calibration import probs_from_logits
@@ -88,7 +89,7 @@ class Trainer:
     def _data(self) -> tuple[Any, list[Record], list[Record]]:
         d = self.cfg.data
         recset = load_records(d)
-        train = cap_records(recset.split(d.train_split), d.max_samples, d.split_seed)
+        train = cap_records(recset.split(d.train_split) + extra_train_records(d, recset), d.max_samples, d.split_seed)
         val = cap_records(recset.split(d.val_split), d.max_samples, d.split_seed)
         need = self.ctx.world_size
         if len(train) < need or len(val) < need:

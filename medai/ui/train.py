@@ -60,7 +60,7 @@ def _overrides(cfg, form: dict) -> list[str]:
             f"train.ema_ramp={form['ema_ramp']}", f"train.patient_balance={form['patient_balance']}",
             f"train.attention_loss={form['attention_loss']}", f"train.keep_epochs={str(form['keep_epochs']).lower()}"]
     if form["dataset"] != cfg.data.root:  # another dataset: the recipe's own split/labels do not apply
-        sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null"]
+        sets += ["data.patient_regex=null", "data.eval_root=null", "data.labels=null", "data.extra_train=[]"]
     if form["pretrained"].strip():
         sets.append(f"model.pretrained={form['pretrained'].strip()}")
         named = weight_source(form["pretrained"].strip())
