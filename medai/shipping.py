@@ -21,6 +21,7 @@ from medai import runs
 from medai.atomic import write_text
 from medai.config import ExperimentConfig, config_from_dict, load_config
 from medai.data.mixing import describe_extra_train
+from medai.data.sources import training_data_info
 from medai.errors import ConfigError, MedaiError
 from medai.evaluation.compare import compare_tables
 from medai.evaluation.report import PredictionTable, read_predictions_csv
@@ -31,34 +32,6 @@ from medai.paths import SHIPPED_MODELS_DIR, resolve_data_path, runs_dir
 
 NOT_FOR_DIAGNOSIS = ("Research and decision-support use by trained readers only; not a medical device and not "
                      "for diagnosis.")
-DATASETS: dict[str, dict[str, str]] = {
-    "kermany-pneumonia": {
-        "source": "Kermany et al. 2018, Guangzhou Women and Children's Medical Center: paediatric (age 1-5) "
-                  "frontal chest X-rays, 224 px grayscale",
-        "licence": "CC BY 4.0",
-        "limitations": "Paediatric patients from one hospital only: not validated on adults or other sites. "
-                       "Bacterial and viral pneumonia are one class. The validation split comes from the same "
-                       "distribution as training, so real-world performance will be lower."},
-    "nih-cxr14-train-224": {
-        "source": "NIH Clinical Center ChestX-ray14 (Wang et al. 2017), patients 1-3923, 224 px",
-        "licence": "CC0",
-        "limitations": "Labels were text-mined from reports (about 90% accurate) and several findings are "
-                       "rare; one hospital, adults. Trained on about 13k of NIH's 112k images (patients "
-                       "1-3923) at low resolution on CPU: small findings (nodules) are poorly detected."},
-    "brain-tumor-mri": {
-        "source": "Brain MRI slices assembled from figshare, SARTAJ and Br35H (Kaggle 'Brain Tumor MRI "
-                  "Dataset'), duplicates removed",
-        "licence": "research and testing only (mixed sources)",
-        "limitations": "Mixed public sources with unknown scanners and sequences; single slices, not volumes; "
-                       "research and testing only."},
-}
-
-
-def _dataset_info(root: str) -> dict[str, str]:
-    return DATASETS.get(Path(root).name, {"source": root, "licence": "unknown",
-                                          "limitations": "No dataset notes recorded."})
-
-
 def _training_facts(run_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
     epochs = runs.epoch_records(run_dir)
     status = runs.read_status(run_dir)
@@ -145,12 +118,11 @@ def ship_run(run: str | Path, name: str, *, out_dir: Path | None = None, thresho
                 report["external_reference"] = reference
         else:
             report.setdefault("external_more", []).append({"metrics": metrics, "reference": reference})
-    info = _dataset_info(cfg.data.root)
+    info = training_data_info(cfg.data)
     card["metrics"] = report
     card["model_card"] = {
         "name": name, "parameters": sum(p.numel() for p in source.model.parameters()),
-        "data": {**info, "summary": card.get("data_summary"),
-                 "also": [_dataset_info(e.root) for e in cfg.data.extra_train]},
+        "data": {**info, "summary": card.get("data_summary")},
         "training": {**_training_facts(run_dir, card), "shipped_epoch": epoch}, "notes": notes,
         "intended_use": NOT_FOR_DIAGNOSIS, "limitations": info["limitations"],
         "baseline": _baseline_summary(baseline) if baseline else None,

@@ -65,7 +65,8 @@ def _task(tmp_path: Path, kind: str) -> DataConfig:
     rows = ["path,labels,split"]
     for i in range(4):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(main / f"m{i}.png")
-        rows.append(f"m{i}.png,{'X|Y' if kind == 'multilabel' and i == 0 else 'XY'[i % 2]},{'train' if i < 2 else 'val'}")
+        label = "X|Y" if kind == "multilabel" and i == 0 else "XY"[i % 2]
+        rows.append(f"m{i}.png,{label},{'train' if i < 2 else 'val'}")
     (main / "labels.csv").write_text("\n".join(rows) + "\n")
     return DataConfig(root=str(main))
 
@@ -116,3 +117,4 @@ def test_a_run_with_extra_films_trains_on_them_and_its_card_says_where_they_came
     assert "- Training also drew on: Kermany et al. 2018" in md and "(licence: CC BY 4.0)" in md
     assert ("of these, 16 films of kermany-pneumonia (train split): normal 8 from NORMAL, pneumonia 8 from PNEUMONIA"
             in md)
+    assert "Training also drew on films of kermany-pneumonia (see Training data); validation does not include" in md
