@@ -131,6 +131,14 @@ def _averaging_sampling_attention(cfg, key: str) -> dict:
     }
 
 
+def _extra_train_text(cfg) -> str:
+    """What the recipe adds to training from other sets (``data.extra_train``); another dataset drops it."""
+    parts = [f"{e.root} ({e.split} split, {f'at most {e.per_label}' if e.per_label else 'all'} per label: "
+             + ", ".join(f"{lab} from {' or '.join(src)}" for lab, src in e.labels.items()) + ")"
+             for e in cfg.data.extra_train]
+    return "Training also draws films from " + "; ".join(parts) + ". Validation is this dataset's alone."
+
+
 def _launch_form(user: User) -> None:
     import torch
 
@@ -169,6 +177,8 @@ def _launch_form(user: User) -> None:
             }
             submitted = st.form_submit_button("Start training", type="primary")
         summary_box = st.expander("Dataset counts")
+        if cfg.data.extra_train and form["dataset"] == cfg.data.root:
+            summary_box.caption(_extra_train_text(cfg))
         try:
             summary = dataset_summary(form["dataset"], cfg.data.patient_regex if form["dataset"] == cfg.data.root
                                       else None, _mtime(form["dataset"]))

@@ -109,6 +109,18 @@ def test_bad_values_are_refused_before_anything_starts(medai_home: Path):
     assert Store().runs() == []
 
 
+def test_a_recipe_that_adds_another_sets_films_says_so(medai_home: Path):
+    need("kermany-pneumonia")
+    at = train_page()
+    at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumonia_nih_adults.yaml").run()
+    said = [c.value for c in at.caption if "Training also draws films from" in c.value]
+    assert said == ["Training also draws films from nih-cxr14-train-224 (train split, at most 506 per label: "
+                    "NORMAL from No Finding, PNEUMONIA from Pneumonia or Consolidation). Validation is this "
+                    "dataset's alone."]
+    at.selectbox(key="train_recipe").set_value(ROOT / "configs" / "hybrid_pneumonia.yaml").run()
+    assert not [c for c in at.caption if "Training also draws" in c.value]
+
+
 def test_radiologists_cannot_train(medai_home: Path):
     auth.create_user(Store(), "rad1", PASSWORD, "radiologist")
     direct = page_as("train.py", "rad1")
