@@ -172,8 +172,10 @@ def _baseline_summary(path: str | Path) -> dict[str, Any]:
 def _schedule(card: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs comparable: the data, the input size and the planned epochs."""
     cfg = card.get("training_config", {})
-    return {"data": cfg.get("data", {}).get("root"), "image_size": card.get("preprocessing", {}).get("image_size"),
-            "epochs": cfg.get("train", {}).get("epochs")}
+    data = cfg.get("data", {})
+    added = [extra.get("root") for extra in data.get("extra_train") or []]  # another set's films: other data
+    return {"data": " + ".join([data.get("root"), *added]) if added else data.get("root"),
+            "image_size": card.get("preprocessing", {}).get("image_size"), "epochs": cfg.get("train", {}).get("epochs")}
 
 
 def _recard(shipped: str | Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:

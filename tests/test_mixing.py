@@ -12,9 +12,9 @@ from PIL import Image
 from medai.config import DataConfig, ExtraTrainConfig, load_config
 from medai.data.datasets import load_records
 from medai.data.mixing import extra_train_records
-from medai.errors import DatasetError
+from medai.errors import DatasetError, MedaiError
 from medai.models.checkpoint import read_card
-from medai.shipping import ship_run
+from medai.shipping import attach_baseline, ship_run
 from medai.training.trainer import train
 from tests.conftest import ROOT, need, tiny_config
 
@@ -113,8 +113,15 @@ def test_a_run_with_extra_films_trains_on_them_and_its_card_says_where_they_came
     main_train = len(load_records(load_config(config).data).split("train"))
     assert summary["used"]["train"]["images"] == main_train + 16
     assert summary["extra_train"][0]["per_label"] == {"normal": 8, "pneumonia": 8}
-    md = ship_run(run_dir, "mixed", out_dir=tmp_path / "models", n_boot=0).with_suffix(".md").read_text()
+    shipped = ship_run(run_dir, "mixed", out_dir=tmp_path / "models", n_boot=0)
+    md = shipped.with_suffix(".md").read_text()
     assert "- Training also drew on: Kermany et al. 2018" in md and "(licence: CC BY 4.0)" in md
     assert ("of these, 16 films of kermany-pneumonia (train split): normal 8 from NORMAL, pneumonia 8 from PNEUMONIA"
             in md)
     assert "Training also drew on films of kermany-pneumonia (see Training data); validation does not include" in md
+    # a model trained without the added films is not a baseline of the same data
+    plain = tiny_config(tmp_path, "pneumoniamnist", data={"labels": ["normal", "pneumonia"]},
+                        train={"epochs": 1, "max_steps_per_epoch": 2, "bootstrap": 0})
+    base = ship_run(train(load_config(plain)), "plain", out_dir=tmp_path / "scratch", n_boot=0)
+    with pytest.raises(MedaiError, match="on pneumoniamnist, this model on pneumoniamnist [+] kermany-pneumonia"):
+        attach_baseline(shipped, base)
