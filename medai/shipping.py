@@ -328,7 +328,9 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
     for split, counts in summary.get("used", {}).items():
         per = ", ".join(f"{k} {v}" for k, v in counts["per_label"].items())
         lines.append(f"- {split}: {counts['images']} images, {counts['patients']} patients ({per})")
-    return lines + [f"  - of these, {line}" for line in describe_extra_train(summary.get("extra_train") or [])]
+        if split == "train":  # the films data.extra_train added, under the split they were added to
+            lines += [f"  - of these, {line}" for line in describe_extra_train(summary.get("extra_train") or [])]
+    return lines
 
 
 def render_card(card: dict[str, Any]) -> str:

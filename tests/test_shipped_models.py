@@ -104,10 +104,11 @@ def test_nih14_model_finds_the_14_findings_on_external_images(path: Path):
     assert np.mean(aurocs) >= (0.70 if path.stem == DEFAULT_MODEL else 0.66), np.round(aurocs, 3)
 
 
-def test_the_anatomy_guided_pneumonia_model_looks_at_the_chest():
-    """pneumonia-hybrid-chest (train.attention_loss) puts most of its PNEUMONIA heatmap on the learned lungs
-    and heart of real Kermany val films, where pneumonia-hybrid's sits no more often than a flat map's
-    (benchmarks/heatmap_on_chest.py: 0.960 vs 0.350, chance 0.342)."""
+def test_the_anatomy_guided_pneumonia_models_look_at_the_chest():
+    """Both hybrids trained with the anatomy term (train.attention_loss) put most of their PNEUMONIA heatmap on
+    the learned lungs and heart of real Kermany val films, where a flat map puts 34%: pneumonia-hybrid-chest
+    0.960 and the default pneumonia-hybrid (Kermany plus NIH adults) 0.630 over all 595 (benchmarks/
+    heatmap_on_chest.py); its stage 1, the default until 2026-12-07, 0.358, and 0.30 on these six films."""
     from medai.analysis import analyze_and_explain
 
     val = need("kermany-pneumonia/val")
@@ -120,7 +121,7 @@ def test_the_anatomy_guided_pneumonia_model_looks_at_the_chest():
             _analysis, exp = analyze_and_explain(predictor, "test", film.read_bytes(), film.name, ["PNEUMONIA"], None)
             inside.append(sum(exp.shares["PNEUMONIA"][region] for region in ("right_lung", "left_lung", "heart")))
         share[name] = float(np.mean(inside))
-    assert share["pneumonia-hybrid-chest"] >= 0.8 and share["pneumonia-hybrid"] < 0.6, share
+    assert share["pneumonia-hybrid-chest"] >= 0.8 and share["pneumonia-hybrid"] >= 0.55, share  # 0.95 and 0.61
 
 
 def test_the_default_chest_model_explains_at_stride_16_with_hirescam():
