@@ -19,7 +19,6 @@ from medai.training.trainer import train
 from tests.conftest import ROOT, need, tiny_config
 
 NIH = "nih-cxr14-train-224"
-PNEUMONIA_FROM_NIH = {"PNEUMONIA": ["Pneumonia", "Consolidation"], "NORMAL": ["No Finding"]}
 
 
 def test_the_adult_films_of_the_pneumonia_recipe_are_nih_training_films_of_those_findings():
@@ -30,7 +29,8 @@ def test_the_adult_films_of_the_pneumonia_recipe_are_nih_training_films_of_those
     added = extra_train_records(cfg.data, main)
     assert len(added) == 2 * 506 and {r.split for r in added} == {"train"}
     nih = load_records(DataConfig(root=NIH))
-    rows = {r["Image Index"]: r for r in csv.DictReader(open(need(NIH) / "Data_Entry_2017_v2020.csv"))}
+    table = (need(NIH) / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    rows = {r["Image Index"]: r for r in csv.DictReader(table)}
     nih_split = {r.id: r.split for r in nih.records}
     for rec in added:
         name = rec.id.removeprefix(f"{NIH}/")
@@ -50,7 +50,7 @@ def test_the_adult_films_of_the_pneumonia_recipe_are_nih_training_films_of_those
 
 
 def _made_set(tmp_path: Path) -> Path:
-    """A CSV set of 12 films the test draws, labelled a, b, a|b and c, on one split."""
+    """A CSV set of 12 films the test draws, labelled a, b, a|b and c in turn: 8 in train, 4 in val."""
     rows = ["path,labels,patient_id,split"]
     for i, labels in enumerate(["a", "b", "a|b", "c"] * 3):
         Image.fromarray(np.full((32, 32), 20 * i, np.uint8)).save(tmp_path / f"f{i}.png")
