@@ -39,12 +39,12 @@ def extra_train_records(data: DataConfig, recset: RecordSet) -> list[Record]:
 
 
 def _mapped(extra: ExtraTrainConfig, recset: RecordSet, key: str) -> list[Record]:
-    # the source's own default split (its patient split, NIH's test list), so that its validation films stay
-    # unseen when the same set trains or evaluates another model
-    source = load_records(DataConfig(root=extra.root, include_no_finding=True, patient_regex=extra.patient_regex))
     unknown = sorted(set(extra.labels) - set(recset.labels))
     if unknown:
         raise DatasetError(f"{key}.labels: {unknown} are not labels of this task (it has {recset.labels})")
+    # the source's own default split (its patient split, NIH's test list), so that its validation films stay
+    # unseen when the same set trains or evaluates another model
+    source = load_records(DataConfig(root=extra.root, include_no_finding=True, patient_regex=extra.patient_regex))
     for wanted in extra.labels.values():
         missing = [w for w in wanted if w not in source.labels]
         if missing:
@@ -61,7 +61,7 @@ def _mapped(extra: ExtraTrainConfig, recset: RecordSet, key: str) -> list[Record
         if matched:
             groups[matched[0]].append(_relabelled(rec, matched, recset.labels, Path(extra.root).name))
     out: list[Record] = []
-    for lab, records in groups.items():
+    for records in groups.values():
         out += cap_records(records, extra.per_label, extra.seed)
     return out
 
@@ -74,8 +74,13 @@ def _relabelled(rec: Record, matched: list[str], labels: list[str], set_name: st
                   patient_id=f"{set_name}:{rec.patient_id}", split="train")
 
 
+def label_sources(labels: dict[str, list[str]], counts: dict[str, int] | None = None) -> str:
+    """``labels`` (task label -> the other set's labels) in words, with the films of each when ``counts``."""
+    return ", ".join(f"{lab}{'' if counts is None else ' ' + str(counts.get(lab, 0))} from {' or '.join(src)}"
+                     for lab, src in labels.items())
+
+
 def describe_extra_train(notes: list[dict[str, Any]]) -> list[str]:
     """One line per added set for a model card: how many films of which label came from where."""
     return [f"{n['images']} films of {Path(n['root']).name} ({n['split']} split): "
-            + ", ".join(f"{lab} {n['per_label'].get(lab, 0)} from {' or '.join(src)}"
-                        for lab, src in n["labels_from"].items()) for n in notes]
+            + label_sources(n["labels_from"], n["per_label"]) for n in notes]

@@ -133,9 +133,10 @@ def _averaging_sampling_attention(cfg, key: str) -> dict:
 
 def _extra_train_text(cfg) -> str:
     """What the recipe adds to training from other sets (``data.extra_train``); another dataset drops it."""
+    from medai.data.mixing import label_sources
+
     parts = [f"{e.root} ({e.split} split, {f'at most {e.per_label}' if e.per_label else 'all'} per label: "
-             + ", ".join(f"{lab} from {' or '.join(src)}" for lab, src in e.labels.items()) + ")"
-             for e in cfg.data.extra_train]
+             f"{label_sources(e.labels)})" for e in cfg.data.extra_train]
     return "Training also draws films from " + "; ".join(parts) + ". Validation is this dataset's alone."
 
 
