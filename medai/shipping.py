@@ -162,14 +162,14 @@ def _baseline_summary(path: str | Path) -> dict[str, Any]:
            "ece_after": val["calibration"]["ece_after"],
            "auroc_ci95": {lab: c["auroc_ci95"] for lab, c in val["per_class"].items()},
            "epochs_run": other.get("model_card", {}).get("training", {}).get("epochs_run"),
-           "schedule": _schedule(other),
+           "schedule": training_schedule(other),
            "shipped": Path(path).resolve().parent == Path(SHIPPED_MODELS_DIR).resolve()}
     if "external" in other["metrics"]:
         out["external_macro_auroc"] = other["metrics"]["external"]["macro"]["auroc"]
     return out
 
 
-def _schedule(card: dict[str, Any]) -> dict[str, Any]:
+def training_schedule(card: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs comparable: the data, the input size and the planned epochs."""
     cfg = card.get("training_config", {})
     data = cfg.get("data", {})
@@ -201,7 +201,7 @@ def attach_baseline(shipped: str | Path, baseline: str | Path) -> Path:
     summary = _baseline_summary(baseline)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
-        ours = _schedule(card)["data"]
+        ours = training_schedule(card)["data"]
         if summary["schedule"]["data"] != ours:
             raise MedaiError(f"the baseline was trained on {summary['schedule']['data']}, this model on {ours}: "
                              "not comparable")
@@ -291,7 +291,7 @@ def _baseline_section(card: dict[str, Any]) -> list[str]:
     mc, val = card["model_card"], card["metrics"]["val"]
     base = mc["baseline"]
     cal = val["calibration"]
-    ours, theirs = _schedule(card), base.get("schedule") or {}
+    ours, theirs = training_schedule(card), base.get("schedule") or {}
     same = ("same data and schedule" if theirs == ours else
             f"same data; {theirs.get('image_size')} px, {theirs.get('epochs')} epochs planned")
     has_ext = base.get("external_macro_auroc") is not None

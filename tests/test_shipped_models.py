@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from medai.catalog import DEFAULT_MODEL
 from medai.inference import Predictor
 from medai.models.checkpoint import read_card
-from medai.shipping import render_card
+from medai.shipping import render_card, training_schedule
 from tests.conftest import ROOT, need
 
 SHIPPED = sorted((ROOT / "models").glob("*.safetensors"))
@@ -44,6 +44,20 @@ def test_card_is_complete_and_rendered(path: Path):
     # the Markdown is the card as stored, not an older rendering, and gives the weights' size on disk
     assert md == render_card({**card, "model_card": {**mc, "file_mb": round(path.stat().st_size / 2**20, 1)}})
     assert f"({path.stat().st_size / 2**20:.1f} MB)" in md
+
+
+HYBRIDS = [p for p in SHIPPED if read_card(p)["architecture"] == "hybrid_cnn_transformer"]
+
+
+@pytest.mark.parametrize("path", HYBRIDS, ids=[p.stem for p in HYBRIDS])
+def test_a_shipped_hybrid_reports_a_resnet18_of_the_same_data_and_schedule(path: Path):
+    """The hybrid's claim is against a plain ResNet-18 trained the same way: its card carries that baseline,
+    whatever the comparison shows (a card may say the hybrid loses)."""
+    card = read_card(path)
+    base = card["model_card"].get("baseline")
+    assert base and base["architecture"] == "resnet18", f"{path.stem}: no ResNet-18 baseline in its card"
+    assert base["schedule"] == training_schedule(card), f"{path.stem}: the baseline was trained differently"
+    assert "same data and schedule" in path.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
