@@ -9,6 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from medai.config import DataConfig, load_config
+from medai.data.mixing import label_sources
 from medai.errors import MedaiError
 from medai.models.pretrained import weight_source
 from medai.models.registry import architectures
@@ -133,8 +134,6 @@ def _averaging_sampling_attention(cfg, key: str) -> dict:
 
 def _extra_train_text(cfg) -> str:
     """What the recipe adds to training from other sets (``data.extra_train``); another dataset drops it."""
-    from medai.data.mixing import label_sources
-
     parts = [f"{e.root} ({e.split} split, {f'at most {e.per_label}' if e.per_label else 'all'} per label: "
              f"{label_sources(e.labels)})" for e in cfg.data.extra_train]
     return "Training also draws films from " + "; ".join(parts) + ". Validation is this dataset's alone."
