@@ -21,7 +21,7 @@ SAMPLES = {"pneumonia": "kermany-pneumonia/val", "brain-mri": "brain-tumor-mri",
 
 def test_models_are_shipped_and_small():
     names = {p.stem for p in SHIPPED}
-    assert "pneumonia-hybrid" in names, "the Analyze page's default model must ship"
+    assert "pneumonia-hybrid" in names, "the pneumonia hybrid must ship"
     assert sum(p.stat().st_size for p in SHIPPED) < 100 * 2**20
 
 
@@ -52,12 +52,14 @@ HYBRIDS = [p for p in SHIPPED if read_card(p)["architecture"] == "hybrid_cnn_tra
 @pytest.mark.parametrize("path", HYBRIDS, ids=[p.stem for p in HYBRIDS])
 def test_a_shipped_hybrid_reports_a_resnet18_of_the_same_data_and_schedule(path: Path):
     """The hybrid's claim is against a plain ResNet-18 trained the same way: its card carries that baseline,
-    whatever the comparison shows (a card may say the hybrid loses)."""
+    and the shipped hybrid is at least as good on validation (macro AUROC; pneumonia-hybrid 0.9924 against
+    0.9915, -chest 0.9932 against 0.9915, brain-mri-hybrid 0.992 against 0.979)."""
     card = read_card(path)
     base = card["model_card"].get("baseline")
     assert base and base["architecture"] == "resnet18", f"{path.stem}: no ResNet-18 baseline in its card"
     assert base["schedule"] == training_schedule(card), f"{path.stem}: the baseline was trained differently"
     assert "same data and schedule" in path.with_suffix(".md").read_text()
+    assert card["metrics"]["val"]["macro"]["auroc"] >= base["macro"]["auroc"], f"{path.stem} loses to its baseline"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -121,8 +123,9 @@ def test_nih14_model_finds_the_14_findings_on_external_images(path: Path):
 def test_the_anatomy_guided_pneumonia_models_look_at_the_chest():
     """Both hybrids trained with the anatomy term (train.attention_loss) put most of their PNEUMONIA heatmap on
     the learned lungs and heart of real Kermany val films, where a flat map puts 35%: pneumonia-hybrid-chest
-    0.954 and the default pneumonia-hybrid (Kermany plus NIH adults) 0.630 over all 595 (benchmarks/
-    heatmap_on_chest.py); its stage 1, the default until 2026-12-07, 0.358, and 0.30 on these six films."""
+    0.954 and pneumonia-hybrid (its stage 2, Kermany plus NIH adults) 0.951 over all 595 (benchmarks/
+    heatmap_on_chest.py); the from-scratch hybrid shipped under that name until 2026-12-07, 0.358 (0.30 on these
+    six films), and after its own stage 2 0.630."""
     from medai.analysis import analyze_and_explain
 
     val = need("kermany-pneumonia/val")
@@ -135,7 +138,7 @@ def test_the_anatomy_guided_pneumonia_models_look_at_the_chest():
             _analysis, exp = analyze_and_explain(predictor, "test", film.read_bytes(), film.name, ["PNEUMONIA"], None)
             inside.append(sum(exp.shares["PNEUMONIA"][region] for region in ("right_lung", "left_lung", "heart")))
         share[name] = float(np.mean(inside))
-    assert share["pneumonia-hybrid-chest"] >= 0.8 and share["pneumonia-hybrid"] >= 0.55, share  # 0.95 and 0.61
+    assert share["pneumonia-hybrid-chest"] >= 0.8 and share["pneumonia-hybrid"] >= 0.8, share  # 0.95 and 0.94
 
 
 def test_the_default_chest_model_explains_at_stride_16_with_hirescam():
