@@ -18,11 +18,13 @@ from pathlib import Path
 
 from _common import DATA, ROOT, machine, table
 
+from medai.catalog import DEFAULT_MODEL
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--model", default="pneumonia-hybrid")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a shipped model's name (default: the default chest model)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medai-pacs-bench-"))
     os.environ["MEDAI_HOME"] = str(tmp / "home")

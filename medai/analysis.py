@@ -31,16 +31,18 @@ from medai.imaging import display_size, resize_float
 from medai.inference import Prediction, Predictor, decide
 from medai.report import report_pdf
 
-__all__ = ["DISCLAIMER", "HEATMAP_METHODS", "Analysis", "Explanation", "Findings", "analyze_and_explain",
-           "analyze_bytes", "analyze_path", "decide", "default_method", "display_film", "explain_image",
-           "flat_result", "overlay", "record", "refusal_message", "report_pdf", "result_dict", "to_png",
-           "update_record"]
+__all__ = ["DISCLAIMER", "HEATMAP_METHODS", "REPORT_HEATMAPS", "Analysis", "Explanation", "Findings",
+           "analyze_and_explain", "analyze_bytes", "analyze_path", "decide", "default_method", "display_film",
+           "explain_image", "flat_result", "overlay", "record", "refusal_message", "report_pdf", "result_dict",
+           "to_png", "update_record"]
 
 DISCLAIMER = ("Decision support for trained readers, not a diagnosis. The model was trained on public research "
               "data and can be wrong; confirm every finding on the original image.")
 HEATMAP_METHODS = list(CAM_METHODS)
-# What to explain: "all", "positive" (at the model's thresholds; the top one if none), label names, or a
-# function of the probabilities that returns names (a caller's own thresholds).
+REPORT_HEATMAPS = 3  # a report (the PDF, the PACS node's overlays) shows the heatmaps of this many positive findings
+# What to explain: "all", "positive" (at the model's thresholds; the top one if none), "report" (the
+# REPORT_HEATMAPS most probable of those), label names, or a function of the probabilities that returns
+# names (a caller's own thresholds).
 Findings = str | list[str] | Callable[[list[float]], list[str]]
 
 
@@ -121,9 +123,10 @@ def select_findings(predictor: Predictor, probabilities: list[float], findings: 
         findings = findings(probabilities)
     if findings == "all":
         return list(range(len(labels)))
-    if findings == "positive":
+    if findings in ("positive", "report"):
         rows = decide(labels, probabilities, predictor.thresholds)
         chosen = [r["finding"] for r in rows if r["positive"]] or [r["finding"] for r in rows[:1]]
+        chosen = chosen[:REPORT_HEATMAPS] if findings == "report" else chosen
         return [labels.index(lab) for lab in chosen] or [int(np.argmax(probabilities))]
     unknown = [f for f in findings if f not in labels]
     if unknown:

@@ -102,7 +102,8 @@ def sr_probabilities(sr_bytes: bytes) -> dict[str, float]:
         for item in items:
             name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
             if name == "Finding":
-                finding = item.ConceptCodeSequence[0].CodeValue
+                code = item.ConceptCodeSequence[0]  # a code over 16 characters is a LongCodeValue
+                finding = code.get("CodeValue") or code.LongCodeValue
             if name == "Model probability" and finding:
                 out[finding] = float(item.MeasuredValueSequence[0].NumericValue)
             if "ContentSequence" in item:
@@ -417,3 +418,31 @@ def test_a_worker_killed_after_history_but_before_done_leaves_one_history_row(me
     assert queue.items(store)[0]["state"] == queue.DONE
     rows = store.history()
     assert len(rows) == 1 and rows[0].result["dicom"]["sop_uid"] == again["sop_uid"]
+
+
+def test_the_default_chest_model_sends_the_three_most_probable_positive_heatmaps_and_every_finding(medai_home):
+    """A 14-finding model flags several findings on a sick adult film; the SR carries all 14 and the worklist
+    every positive one, while the PACS study gets the heatmaps of the three most probable positive findings
+    only, as the PDF report does (seven overlays a film cluttered the study and tripled the delivery time)."""
+    from medai.analysis import REPORT_HEATMAPS
+    from medai.catalog import DEFAULT_MODEL
+    from medai.inference import Predictor, decide
+    from medai.pacs import queue, work
+    from medai.store import Store
+
+    store, predictor = Store(), Predictor(ROOT / "models" / f"{DEFAULT_MODEL}.safetensors")
+    film = sorted((need("nih-cxr14-bbox") / "images").glob("*.jpg"))[0]  # 00000032_037: Infiltration, Mass and more
+    assert work.receive(store, dx_from_png(film, generate_uid()), predictor, DEFAULT_MODEL)[0] == queue.QUEUED
+    work.analyse(store, queue.claim(store), predictor)
+    (item,) = queue.items(store)
+    probabilities = item["result"]["probabilities"]
+    rows = decide(list(probabilities), list(probabilities.values()), item["result"]["thresholds"])
+    positive = [r["finding"] for r in rows if r["positive"]]
+    assert item["state"] == queue.DONE and item["findings"] == positive and len(positive) > REPORT_HEATMAPS == 3
+    objects = [pydicom.dcmread(p) for p in Path(item["result"]["outbox"]).glob("*.dcm")]
+    (sr,) = [o for o in objects if o.Modality == "SR"]
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    assert sr_probabilities(buf.getvalue()) == pytest.approx(probabilities, abs=1e-5) and len(probabilities) == 14
+    overlays = sorted((o for o in objects if o.Modality == "OT"), key=lambda o: int(o.InstanceNumber))
+    assert [o.DerivationDescription.split(" heatmap")[0] for o in overlays] == positive[:3]

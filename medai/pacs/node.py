@@ -1,12 +1,14 @@
 """The DICOM node (``python -m medai pacs listen``): a C-ECHO and C-STORE SCP that files what it receives
-(:func:`medai.pacs.work.receive`) and one worker thread that analyses the queue and delivers results, with
-retries. A malformed or hostile object is refused with a log line; the node stays up."""
+(:func:`medai.pacs.work.receive`), one worker thread that analyses the queue and one that delivers results,
+with retries, so that sending one image's results overlaps analysing the next. A malformed or hostile object is
+refused with a log line; the node stays up."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from medai.inference import Predictor
@@ -28,7 +30,7 @@ class Node:
         self.store = store or Store()
         self._server: Any = None
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     # ---- receiving -----------------------------------------------------------------------------
     def on_store(self, event: Any) -> int:
@@ -62,8 +64,10 @@ class Node:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        self._worker = threading.Thread(target=self.run_worker, name="medai-pacs-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self.run_worker, args=(step,), name=f"medai-pacs-{name}", daemon=True)
+                         for name, step in (("analyser", self.analyse_next), ("sender", self.deliver_due))]
+        for worker in self._workers:
+            worker.start()
         log.info("PACS node %s listening on %s:%s (model %s)", self.ae_title, self.host, self.port, self.model_name)
         return self
 
@@ -71,26 +75,33 @@ class Node:
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
-        if self._worker is not None:
-            self._worker.join(timeout=60)
+        for worker in self._workers:
+            worker.join(timeout=60)
 
     # ---- working -------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """Analyse one queued item, then deliver what is due; False when there was nothing to do."""
+    def analyse_next(self) -> bool:
+        """Analyse one queued item; False when there was none."""
         item = queue.claim(self.store)
         if item is not None:
             work.analyse(self.store, item, self.predictor)
-        delivered = False
-        if self.destination.configured:
-            for due in queue.due_for_delivery(self.store):
-                work.deliver(self.store, due, self.destination)
-                delivered = True
-        return item is not None or delivered
+        return item is not None
 
-    def run_worker(self) -> None:
+    def deliver_due(self) -> bool:
+        """Deliver every analysed item that is due; False when there was none (or no destination)."""
+        due = queue.due_for_delivery(self.store) if self.destination.configured else []
+        for item in due:
+            work.deliver(self.store, item, self.destination)
+        return bool(due)
+
+    def step(self) -> bool:
+        """Analyse one queued item, then deliver what is due; False when there was nothing to do."""
+        analysed = self.analyse_next()
+        return self.deliver_due() or analysed
+
+    def run_worker(self, step: Callable[[], bool]) -> None:
         while not self._stop.is_set():
             try:
-                busy = self.step()
+                busy = step()
             except Exception:  # noqa: BLE001 - logged; the item's lease runs out and it is retried
                 log.exception("PACS worker step failed")
                 busy = False

@@ -106,7 +106,7 @@ def analyse(store: Store, item: dict[str, Any], predictor: Predictor) -> None:
     path = Path(item["path"])
     try:
         data = path.read_bytes()
-        an, exp = analysis.analyze_and_explain(predictor, item["model"], data, f"{item['sop_uid']}.dcm", "positive")
+        an, exp = analysis.analyze_and_explain(predictor, item["model"], data, f"{item['sop_uid']}.dcm", "report")
     except (OSError, MedaiError) as exc:
         queue.update(store, item["id"], state=queue.FAILED, reason=str(exc)[:500])
         log.warning("PACS item %s (SOP %s) failed: %s", item["id"], item["sop_uid"], exc)

@@ -1,7 +1,7 @@
 """The DICOM objects the node sends back into the source study, as a new series marked derived and
 AI-generated: a Comprehensive SR (TID 1500 measurement report) listing every finding with probability,
-operating threshold and decision, and a Secondary Capture of the heatmap overlay for each positive finding
-with a burned-in banner.
+operating threshold and decision, and a Secondary Capture of the heatmap overlay for each of the most
+probable positive findings (``medai.analysis.REPORT_HEATMAPS``, as the PDF report) with a burned-in banner.
 
 Both copy from the source only what filing them needs (patient, study and accession attributes; highdicom's
 ``from_ref_dataset`` / evidence handling) and nothing else. Their UIDs are derived from the source SOP

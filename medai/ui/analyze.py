@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import streamlit as st
 
-from medai.analysis import (DISCLAIMER, HEATMAP_METHODS, Analysis, Explanation, analyze_and_explain,
-                            analyze_bytes, decide, default_method, display_film, explain_image, overlay,
-                            record, refusal_message, report_pdf, result_dict, to_png, update_record)
+from medai.analysis import (DISCLAIMER, HEATMAP_METHODS, REPORT_HEATMAPS, Analysis, Explanation,
+                            analyze_and_explain, analyze_bytes, decide, default_method, display_film, explain_image,
+                            overlay, record, refusal_message, report_pdf, result_dict, to_png, update_record)
 from medai.catalog import ModelEntry, default_index
 from medai.errors import MedaiError
 from medai.ui import viewer
@@ -291,9 +291,10 @@ def _anatomy_panel(exp: Explanation, finding: str) -> None:
 
 def _positive_overlays(predictor: Predictor, analysis: Analysis, rows: list[dict], display: np.ndarray,
                        method: str) -> list[tuple[str, np.ndarray]]:
-    """The report's heatmaps: the positive findings only (at most three), whichever one is on screen."""
+    """The report's heatmaps: the positive findings only (the most probable REPORT_HEATMAPS), whichever one is
+    on screen."""
     out = []
-    for r in [r for r in rows if r["positive"]][:3]:
+    for r in [r for r in rows if r["positive"]][:REPORT_HEATMAPS]:
         exp = _explanation(predictor, analysis, r["finding"], method)
         out.append((f"{method} heatmap for {r['finding']}",
                     overlay(display, exp, r["finding"], st.session_state.get("heat_opacity", 0.45))))
