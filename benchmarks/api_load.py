@@ -2,7 +2,7 @@
 clients (one API token each), a fixed number of requests each; prints p50/p95/max latency, throughput and
 errors as Markdown.
 
-    .venv/bin/python benchmarks/api_load.py [--clients 4 8] [--requests 12] [--image PATH]
+    .venv/bin/python benchmarks/api_load.py [--clients 4 8] [--requests 12] [--image PATH] [--model NAME]
 
 Bounded in count and time: every request has a timeout, and the whole run stops the server at the end.
 """
@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 
 from _common import DATA, ROOT, machine, table
+
+from medai.catalog import DEFAULT_MODEL
 
 PASSWORD = "correct horse battery"
 
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12, help="requests per client")
     ap.add_argument("--image", type=Path,
                     default=sorted((DATA / "kermany-pneumonia" / "val" / "PNEUMONIA").glob("*.jpeg"))[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a served model's name (default: the default model)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="medai-api-load-"))
     env = {**os.environ, "MEDAI_HOME": str(home), "PYTHONWARNINGS": "ignore"}
@@ -85,7 +88,13 @@ def main() -> None:
     try:
         _wait_ready(url, proc)
         workers = httpx.get(f"{url}/health").json()["queue"]["workers"]
-        for mode, params in (("predict", {"explain": "false"}), ("predict + Grad-CAM + anatomy", {})):
+        served = httpx.post(f"{url}/api/analyze", params={"explain": "false", "model": args.model}, timeout=120,
+                            headers={"Authorization": f"Bearer {tokens[0]}"},
+                            files={"file": (args.image.name, args.image.read_bytes())}).json()["model"]["name"]
+        if served != args.model:
+            raise SystemExit(f"asked for {args.model}, the API served {served}")
+        for mode, params in (("predict", {"explain": "false", "model": args.model}),
+                             ("predict + Grad-CAM + anatomy", {"model": args.model})):
             _client(url, tokens[0], args.image, 2, params)  # warm-up
             for n in args.clients:
                 t0 = time.perf_counter()
@@ -103,7 +112,7 @@ def main() -> None:
     print(f"## HTTP API under load, loopback ({machine()})\n")
     print(f"`python -m medai serve` with {workers} inference workers (MEDAI_API_WORKERS); each client has its "
           f"own token and sends {args.requests} requests one after another; image {args.image.name} "
-          f"(Kermany val, JPEG); model pneumonia-hybrid. Latency in ms, per request, as the client sees it.\n")
+          f"(Kermany val, JPEG); model {args.model}. Latency in ms, per request, as the client sees it.\n")
     print(table([[m, n, k, f"{p50:.0f}", f"{p95:.0f}", f"{mx:.0f}", f"{rps:.1f}", e]
                  for m, n, k, p50, p95, mx, rps, e in rows],
                 ["mode", "clients", "requests", "p50 ms", "p95 ms", "max ms", "requests/s", "errors"]))
