@@ -53,7 +53,12 @@ def client(url: str, username: str = "", password: str = "") -> Any:
     from dicomweb_client.session_utils import create_session_from_user_pass
 
     session = create_session_from_user_pass(username, password) if username else requests.Session()
-    return DICOMwebClient(url=url, session=session)
+    web = DICOMwebClient(url=url, session=session, timeout=TIMEOUT_S)
+    # One attempt per request. The library's default retries every failure, a refused connection included,
+    # five times with exponential waits (30 s before a search says the PACS is down); deliveries are retried
+    # by the queue's own backoff, and an interactive search should answer at once.
+    web.set_http_retry_params(retry=False)
+    return web
 
 
 def stow(endpoint: Endpoint, files: list[Path]) -> None:
@@ -62,11 +67,34 @@ def stow(endpoint: Endpoint, files: list[Path]) -> None:
     try:
         client(endpoint.stow_url, **endpoint.auth).store_instances([pydicom.dcmread(f) for f in files])
     except (requests.RequestException, OSError) as exc:
-        raise SendError(f"STOW-RS to {_safe(endpoint.stow_url)} failed: {type(exc).__name__}") from None
+        raise SendError(failure("STOW-RS to", endpoint.stow_url, exc)) from None
 
 
 def _safe(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)  # no credentials in messages
+
+
+_HTTP_HINTS = {401: "check the DICOMweb user and password", 403: "the PACS refuses this user",
+               404: "check the DICOMweb root", 413: "the PACS takes no objects this large"}
+
+
+def failure(what: str, url: str, exc: BaseException) -> str:
+    """What went wrong talking to ``url``, said so that an administrator knows what to check. Built from the
+    exception's kind and the HTTP status only: its text can hold the URL with credentials or the server's
+    error page."""
+    import requests
+
+    response = getattr(exc, "response", None)
+    if isinstance(exc, requests.HTTPError) and response is not None:
+        hint = _HTTP_HINTS.get(response.status_code)
+        why = f"HTTP {response.status_code} {response.reason or ''}".rstrip() + (f" ({hint})" if hint else "")
+    elif isinstance(exc, requests.Timeout):
+        why = f"no answer within {TIMEOUT_S} s"
+    elif isinstance(exc, requests.ConnectionError):
+        why = "could not connect (is the PACS running, and is the address right?)"
+    else:
+        why = type(exc).__name__
+    return f"{what} {_safe(url)} failed: {why}"
 
 
 def since_date(text: str) -> str:
@@ -92,7 +120,7 @@ def search_studies(url: str, since: str | None = None, modality: str | None = No
     try:
         found = client(url, **auth).search_for_studies(search_filters=filters)
     except requests.RequestException as exc:
-        raise MedaiError(f"QIDO-RS search at {_safe(url)} failed: {type(exc).__name__}") from None
+        raise MedaiError(failure("QIDO-RS search at", url, exc)) from None
     out = []
     for item in found:
         ds = pydicom.Dataset.from_json(item)
@@ -111,7 +139,7 @@ def retrieve_study(url: str, study_uid: str, **auth: str) -> list[bytes]:
     try:
         datasets = client(url, **auth).retrieve_study(study_uid)
     except requests.RequestException as exc:
-        raise MedaiError(f"WADO-RS retrieve of study {study_uid} from {_safe(url)} failed: {type(exc).__name__}") from None
+        raise MedaiError(failure(f"WADO-RS retrieve of study {study_uid} from", url, exc)) from None
     out = []
     for ds in datasets:
         buf = io.BytesIO()

@@ -1,0 +1,119 @@
+"""The DICOMweb client's failures against real HTTP servers on loopback: one attempt per request (the delivery
+queue retries with its own backoff; a search answers at once when the PACS is down), and a message that says
+what to check without the credentials or the server's error page."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from medai.errors import MedaiError
+from medai.pacs import network
+from medai.pacs.work import Endpoint
+
+SECRET = "pw-Never-In-Messages-42"
+
+
+class Server:
+    """An HTTP server on a free loopback port that answers every request with ``status`` (or, with
+    ``status=None``, never answers), counting the requests it got."""
+
+    def __init__(self, status: int | None):
+        outer = self
+        self.requests = 0
+        self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests += 1
+                if status is None:
+                    outer.release.wait(10)
+                    return
+                body = f"<html>error page {SECRET}</html>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest):
+    srv = Server(request.param)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("server, says", [
+    (503, "HTTP 503 Service Unavailable"),  # the library would have retried this one 5 times
+    (401, "HTTP 401 Unauthorized (check the DICOMweb user and password)"),
+    (404, "HTTP 404 Not Found (check the DICOMweb root)"),
+], indirect=["server"])
+def test_a_search_fails_once_and_says_what_to_check(server: Server, says: str):
+    with pytest.raises(MedaiError) as err:
+        network.search_studies(server.url, "1d", username="reader", password=SECRET)
+    assert str(err.value) == f"QIDO-RS search at {server.url} failed: {says}"
+    assert server.requests == 1
+
+
+def test_a_refused_connection_is_named_at_once():
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://reader:{SECRET}@127.0.0.1:{port}/dicom-web"
+    with pytest.raises(MedaiError) as err:
+        network.retrieve_study(url, "1.2.3")
+    assert str(err.value) == (f"WADO-RS retrieve of study 1.2.3 from http://127.0.0.1:{port}/dicom-web failed: "
+                              "could not connect (is the PACS running, and is the address right?)")
+
+
+@pytest.mark.parametrize("server", [None], indirect=True)
+def test_a_pacs_that_never_answers_times_out_after_one_wait(server: Server, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(network, "TIMEOUT_S", 0.5)
+    with pytest.raises(MedaiError, match=r"failed: no answer within 0.5 s$"):
+        network.search_studies(server.url)
+    time.sleep(0.2)  # a retry would have arrived by now
+    assert server.requests == 1
+
+
+def _instance(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("server", [503], indirect=True)
+def test_a_failed_delivery_is_one_post_and_a_reason_for_the_worklist(server: Server, tmp_path: Path):
+    endpoint = Endpoint(stow_url=server.url, auth={"username": "reader", "password": SECRET})
+    with pytest.raises(network.SendError) as err:
+        network.stow(endpoint, [_instance(tmp_path / "sr.dcm")])
+    assert str(err.value) == f"STOW-RS to {server.url} failed: HTTP 503 Service Unavailable"
+    assert server.requests == 1  # the queue schedules the retry (queue.BACKOFF_S), not the HTTP library
