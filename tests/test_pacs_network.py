@@ -1,6 +1,7 @@
-"""The DICOMweb client's failures against real HTTP servers on loopback: one attempt per request (the delivery
-queue retries with its own backoff; a search answers at once when the PACS is down), and a message that says
-what to check without the credentials or the server's error page."""
+"""Talking to a PACS that fails, against real servers on loopback. DICOMweb: one attempt per request (the
+delivery queue retries with its own backoff; a search answers at once when the PACS is down), and a message
+that says what to check without the credentials or the server's error page. C-STORE: a connection attempt
+that is never accepted ends at the node's timeout."""
 
 from __future__ import annotations
 
@@ -117,3 +118,32 @@ def test_a_failed_delivery_is_one_post_and_a_reason_for_the_worklist(server: Ser
         network.stow(endpoint, [_instance(tmp_path / "sr.dcm")])
     assert str(err.value) == f"STOW-RS to {server.url} failed: HTTP 503 Service Unavailable"
     assert server.requests == 1  # the queue schedules the retry (queue.BACKOFF_S), not the HTTP library
+
+
+def test_a_c_store_to_a_pacs_that_never_accepts_gives_up_after_the_timeout(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    """A listener whose backlog is full drops the SYN, as a PACS behind a dead route or a firewall does: the
+    association attempt has to end by the node's timeout, not after the kernel's ~2 minutes of SYN retries."""
+    monkeypatch.setattr(network, "TIMEOUT_S", 1)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port))  # fills the backlog
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            network.c_store(Endpoint(ae_title="PACS", host="127.0.0.1", port=port), [_instance(tmp_path / "sr.dcm")])
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=send, daemon=True)
+    worker.start()
+    worker.join(20)
+    first.close()
+    listener.close()
+    assert not worker.is_alive(), "the C-STORE association attempt is still waiting on the TCP connect"
+    assert len(errors) == 1 and isinstance(errors[0], network.SendError)
+    assert str(errors[0]) == (f"no association with PACS@127.0.0.1:{port} "
+                              "(is the PACS running, and does it know this AE title?)")

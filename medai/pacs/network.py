@@ -29,7 +29,9 @@ def c_store(endpoint: Endpoint, files: list[Path]) -> None:
 
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=endpoint.calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    # connection_timeout too: pynetdicom's default (None) waits for the kernel's SYN retries, about 2 minutes,
+    # when the PACS's host drops the connection attempt (a dead route, a firewall, a full backlog)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(endpoint.host, endpoint.port, ae_title=endpoint.ae_title)
