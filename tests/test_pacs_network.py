@@ -10,14 +10,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pydicom
+import numpy as np
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from PIL import Image
+from pydicom.uid import generate_uid
 
 from medai.errors import MedaiError
 from medai.pacs import network
 from medai.pacs.work import Endpoint
+from tests.test_pacs import dx_from_png
 
 SECRET = "pw-Never-In-Messages-42"
 
@@ -98,14 +99,10 @@ def test_a_pacs_that_never_answers_times_out_after_one_wait(server: Server, monk
 
 
 def _instance(path: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
-    ds.save_as(path, enforce_file_format=True)
+    """A DX instance (the PACS tests' builder) of a small gradient image this test draws."""
+    png = path.with_suffix(".png")
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(png)
+    path.write_bytes(dx_from_png(png, generate_uid()))
     return path
 
 

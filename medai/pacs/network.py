@@ -69,7 +69,7 @@ def stow(endpoint: Endpoint, files: list[Path]) -> None:
     try:
         client(endpoint.stow_url, **endpoint.auth).store_instances([pydicom.dcmread(f) for f in files])
     except (requests.RequestException, OSError) as exc:
-        raise SendError(failure("STOW-RS to", endpoint.stow_url, exc)) from None
+        raise SendError(_failure("STOW-RS to", endpoint.stow_url, exc)) from None
 
 
 def _safe(url: str) -> str:
@@ -80,7 +80,7 @@ _HTTP_HINTS = {401: "check the DICOMweb user and password", 403: "the PACS refus
                404: "check the DICOMweb root", 413: "the PACS takes no objects this large"}
 
 
-def failure(what: str, url: str, exc: BaseException) -> str:
+def _failure(what: str, url: str, exc: BaseException) -> str:
     """What went wrong talking to ``url``, said so that an administrator knows what to check. Built from the
     exception's kind and the HTTP status only: its text can hold the URL with credentials or the server's
     error page."""
@@ -122,7 +122,7 @@ def search_studies(url: str, since: str | None = None, modality: str | None = No
     try:
         found = client(url, **auth).search_for_studies(search_filters=filters)
     except requests.RequestException as exc:
-        raise MedaiError(failure("QIDO-RS search at", url, exc)) from None
+        raise MedaiError(_failure("QIDO-RS search at", url, exc)) from None
     out = []
     for item in found:
         ds = pydicom.Dataset.from_json(item)
@@ -141,7 +141,7 @@ def retrieve_study(url: str, study_uid: str, **auth: str) -> list[bytes]:
     try:
         datasets = client(url, **auth).retrieve_study(study_uid)
     except requests.RequestException as exc:
-        raise MedaiError(failure(f"WADO-RS retrieve of study {study_uid} from", url, exc)) from None
+        raise MedaiError(_failure(f"WADO-RS retrieve of study {study_uid} from", url, exc)) from None
     out = []
     for ds in datasets:
         buf = io.BytesIO()
